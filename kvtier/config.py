@@ -1,0 +1,159 @@
+"""Typed, validated ``kv_connector_extra_config``.
+
+Every key is checked at start-up: an unknown key or a bad value raises
+``ConfigError`` naming the key and what it accepts. Sizes take ints or strings
+such as ``"64GiB"``, ``"512MB"``, ``"1.5TiB"``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A kv_connector_extra_config key has a bad value (or is unknown)."""
+
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+    "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_size(key: str, value: Any) -> int:
+    """Bytes from an int or a string like ``"64GiB"``; ConfigError names ``key``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"kvtier config {key!r}: expected a size, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0 or not math.isfinite(value):
+            raise ConfigError(f"kvtier config {key!r}: size must be >= 0, got {value!r}")
+        return int(value)
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ConfigError(
+        f"kvtier config {key!r}: cannot read {value!r} as a size; use bytes or a "
+        "string such as '64GiB', '512MB', '2TiB'")
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kvtier"
+
+
+def _default_dram_bytes() -> int:
+    """10% of physical memory, at most 64 GiB: room for the engine and the OS."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 << 30
+    return min(total // 10, 64 << 30)
+
+
+@dataclass(frozen=True)
+class KVTierConfig:
+    """kvtier's settings. Field docs double as the operator reference."""
+
+    dram_bytes: int = -1
+    """DRAM tier budget per TP rank. Default: 10% of physical memory, at most 64 GiB."""
+    disk_path: str = ""
+    """Directory of the disk tier. Default: $XDG_CACHE_HOME/kvtier (~/.cache/kvtier)."""
+    disk_bytes: int = -1
+    """Disk tier budget (all ranks together). Default: 50% of the free space, at most 1 TiB."""
+    disk: bool = True
+    """Enable the disk tier. false: DRAM only."""
+    ttl_seconds: float = 3600.0
+    """A block unused for this long is expired: never served, then removed."""
+    fsync: bool = False
+    """fsync each record before publishing it (survives power loss, slower)."""
+    o_direct: str = "auto"
+    """auto | on | off: O_DIRECT disk I/O (auto: where the filesystem allows)."""
+    io_threads: int = 4
+    """Threads for disk reads and writes per worker."""
+    store_decode_tokens: bool = True
+    """Also offload blocks of generated tokens (agentic turns resend them)."""
+    min_hit_blocks: int = 1
+    """Shortest external hit (in blocks) worth a load."""
+    load_policy: str = "auto"
+    """auto | always: auto declines a load when recompute is measured faster."""
+
+    @classmethod
+    def from_extra_config(cls, extra: dict[str, Any] | None) -> "KVTierConfig":
+        extra = dict(extra or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ConfigError(
+                f"kvtier config: unknown key(s) {unknown}; accepted keys: {sorted(known)}")
+        vals: dict[str, Any] = {}
+        for key in ("dram_bytes", "disk_bytes"):
+            if key in extra:
+                vals[key] = parse_size(key, extra[key])
+        for key in ("disk", "fsync", "store_decode_tokens"):
+            if key in extra:
+                v = extra[key]
+                if isinstance(v, str) and v.lower() in ("true", "false", "1", "0"):
+                    v = v.lower() in ("true", "1")
+                if not isinstance(v, bool):
+                    raise ConfigError(f"kvtier config {key!r}: expected true or false, got {v!r}")
+                vals[key] = v
+        if "ttl_seconds" in extra:
+            v = extra["ttl_seconds"]
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                v = float("nan")
+            if not v > 0:
+                raise ConfigError(
+                    f"kvtier config 'ttl_seconds': expected a number > 0 (or 'inf'), "
+                    f"got {extra['ttl_seconds']!r}")
+            vals["ttl_seconds"] = v
+        for key in ("io_threads", "min_hit_blocks"):
+            if key in extra:
+                v = extra[key]
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ConfigError(f"kvtier config {key!r}: expected an integer >= 1, got {v!r}")
+                vals[key] = v
+        for key, choices in (("o_direct", ("auto", "on", "off")), ("load_policy", ("auto", "always"))):
+            if key in extra:
+                v = extra[key]
+                if v not in choices:
+                    raise ConfigError(f"kvtier config {key!r}: expected one of {choices}, got {v!r}")
+                vals[key] = v
+        if "disk_path" in extra:
+            v = extra["disk_path"]
+            if not isinstance(v, str) or not v.strip():
+                raise ConfigError(f"kvtier config 'disk_path': expected a directory path, got {v!r}")
+            vals["disk_path"] = v
+        return cls(**vals).resolved()
+
+    def resolved(self) -> "KVTierConfig":
+        """Fill machine-dependent defaults (DRAM from RAM size, disk from free space)."""
+        from dataclasses import replace
+
+        disk_path = self.disk_path or str(_default_cache_dir())
+        dram = self.dram_bytes if self.dram_bytes >= 0 else _default_dram_bytes()
+        disk_bytes = self.disk_bytes
+        if disk_bytes < 0:
+            probe = Path(disk_path)
+            while not probe.exists() and probe != probe.parent:
+                probe = probe.parent
+            try:
+                st = os.statvfs(probe)
+                disk_bytes = min(st.f_bavail * st.f_frsize // 2, 1 << 40)
+            except OSError:
+                disk_bytes = 10 << 30
+        return replace(self, disk_path=disk_path, dram_bytes=dram, disk_bytes=disk_bytes)
+
+    @property
+    def disk_enabled(self) -> bool:
+        return self.disk and self.disk_bytes > 0

@@ -1,0 +1,194 @@
+"""Scheduler-side bookkeeping: which key lives in which tier, TTL + LRU policy.
+
+``Tier`` is one cache level: entries with a size and a last-use time, a
+capacity, a TTL that runs from the last use, LRU eviction among unpinned
+entries. The connector's scheduler half composes a DRAM tier (whose entries own
+a DRAM slot) and a disk tier; the planner replays traces through the very same
+class, so the planner's answers cannot drift from the product's behaviour.
+
+Time is passed in (``now``), never read here: the connector passes wall-clock
+time, the planner passes trace time. Calls must come in non-decreasing time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterable
+
+EVICT_CAPACITY = "capacity"
+EVICT_TTL = "ttl"
+EVICT_DROPPED = "dropped"   # removed on purpose (failed read, reset)
+
+
+@dataclass
+class Entry:
+    size: int
+    last_use: float
+    pins: int = 0
+    value: Any = None       # tier-specific payload (e.g. the DRAM slot)
+
+
+@dataclass
+class TierStats:
+    hits: int = 0
+    inserts: int = 0
+    evictions: dict[str, int] = field(default_factory=lambda: {EVICT_CAPACITY: 0, EVICT_TTL: 0,
+                                                               EVICT_DROPPED: 0})
+    rejected: int = 0       # inserts refused: no room that could be freed
+
+
+EvictHook = Callable[[Hashable, Entry, str], None]
+
+
+class Tier:
+    """An LRU-within-TTL cache of keys with sizes, under a capacity."""
+
+    def __init__(self, name: str, capacity: float, ttl: float = math.inf,
+                 on_evict: EvictHook | None = None):
+        if capacity < 0:
+            raise ValueError(f"tier {name}: capacity must be >= 0")
+        if not ttl > 0:
+            raise ValueError(f"tier {name}: ttl must be > 0")
+        self.name = name
+        self.capacity = capacity
+        self.ttl = ttl
+        self.used = 0
+        self.stats = TierStats()
+        self._entries: OrderedDict[Hashable, Entry] = OrderedDict()  # LRU first
+        self._on_evict = on_evict
+        self._clock = -math.inf
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def keys(self) -> Iterable[Hashable]:
+        return self._entries.keys()
+
+    def _advance(self, now: float) -> float:
+        if now > self._clock:
+            self._clock = now
+        return self._clock
+
+    def expired(self, entry: Entry, now: float) -> bool:
+        return entry.pins == 0 and now - entry.last_use >= self.ttl
+
+    def get(self, key: Hashable, now: float) -> Entry | None:
+        """The live entry for ``key`` (None if absent or expired; expired ones go)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if self.expired(entry, self._advance(now)):
+            self._remove(key, EVICT_TTL)
+            return None
+        return entry
+
+    def peek(self, key: Hashable) -> Entry | None:
+        return self._entries.get(key)
+
+    def touch(self, key: Hashable, now: float) -> bool:
+        entry = self.get(key, now)
+        if entry is None:
+            return False
+        entry.last_use = self._clock
+        self._entries.move_to_end(key)
+        self.stats.hits += 1
+        return True
+
+    def pin(self, key: Hashable) -> None:
+        self._entries[key].pins += 1
+
+    def unpin(self, key: Hashable) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and entry.pins > 0:
+            entry.pins -= 1
+
+    def make_room(self, size: int, now: float) -> bool:
+        """Evict expired, then LRU unpinned entries until ``size`` fits."""
+        now = self._advance(now)
+        self.expire(now)
+        if size > self.capacity:
+            return False
+        if self.used + size <= self.capacity:
+            return True
+        victims = []
+        freed = 0
+        for key, entry in self._entries.items():
+            if entry.pins:
+                continue
+            victims.append(key)
+            freed += entry.size
+            if self.used - freed + size <= self.capacity:
+                break
+        if self.used - freed + size > self.capacity:
+            return False
+        for key in victims:
+            self._remove(key, EVICT_CAPACITY)
+        return True
+
+    def add(self, key: Hashable, size: int, now: float, value: Any = None,
+            pinned: bool = False) -> Entry | None:
+        """Insert (or refresh) ``key``; None when no room can be made."""
+        now = self._advance(now)
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.last_use = now
+            self._entries.move_to_end(key)
+            if pinned:
+                entry.pins += 1
+            return entry
+        if not self.make_room(size, now):
+            self.stats.rejected += 1
+            return None
+        entry = Entry(size=size, last_use=now, pins=1 if pinned else 0, value=value)
+        self._entries[key] = entry
+        self.used += size
+        self.stats.inserts += 1
+        return entry
+
+    def discard(self, key: Hashable, cause: str = EVICT_DROPPED) -> None:
+        if key in self._entries:
+            self._remove(key, cause)
+
+    def expire(self, now: float) -> int:
+        """Drop unpinned entries idle for >= ttl. Cost: O(expired + pinned at the head)."""
+        if math.isinf(self.ttl):
+            return 0
+        now = self._advance(now)
+        gone = []
+        for key, entry in self._entries.items():
+            if now - entry.last_use < self.ttl:
+                break   # LRU order = last-use order: the rest are younger
+            if not entry.pins:
+                gone.append(key)
+        for key in gone:
+            self._remove(key, EVICT_TTL)
+        return len(gone)
+
+    def _remove(self, key: Hashable, cause: str) -> None:
+        entry = self._entries.pop(key)
+        self.used -= entry.size
+        self.stats.evictions[cause] = self.stats.evictions.get(cause, 0) + 1
+        if self._on_evict is not None:
+            self._on_evict(key, entry, cause)
+
+
+class SlotAllocator:
+    """Free list of DRAM slot ids ``0..n-1``."""
+
+    def __init__(self, num_slots: int):
+        self.num_slots = num_slots
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+    def take(self) -> int | None:
+        return self._free.pop() if self._free else None
+
+    def give(self, slot: int) -> None:
+        self._free.append(slot)

@@ -1,0 +1,88 @@
+"""Stable chained prefix-block keys.
+
+A block's key is ``blake2b-128(parent_key || token ids)``; the first block's
+parent is the *root*, a hash of the namespace (model, KV dtype, KV layout, block
+size, TP size, format version) plus the request's ``cache_salt`` and LoRA
+adapter. Nothing here depends on PYTHONHASHSEED or on vLLM's per-process random
+hash seed, so the same prompt gives the same keys in any process, after any
+restart. The TP rank is not part of the key (one scheduler decision for all
+ranks); each rank's records carry their rank in the store (see store.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+FORMAT_VERSION = 1
+KEY_BYTES = 16
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Everything that makes two blocks of KV bytes interchangeable."""
+
+    model: str
+    kv_dtype: str
+    layout: str
+    block_size: int
+    tp_size: int = 1
+    extra: str = ""  # e.g. a model revision or a KV cache group id
+    version: int = FORMAT_VERSION
+
+    def digest(self) -> bytes:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.blake2b(blob, digest_size=KEY_BYTES, person=b"kvtier-ns").digest()
+
+
+def root_key(namespace_digest: bytes, cache_salt: str | None = None,
+             lora_name: str | None = None) -> bytes:
+    """Parent of a request's first block: the namespace, its salt and LoRA."""
+    h = hashlib.blake2b(digest_size=KEY_BYTES, person=b"kvtier-root")
+    h.update(namespace_digest)
+    for part in (cache_salt, lora_name):
+        data = b"" if part is None else part.encode()
+        h.update(len(data).to_bytes(4, "little") + (b"\x01" if part is not None else b"\x00"))
+        h.update(data)
+    return h.digest()
+
+
+def chain_keys(parent: bytes, token_ids: Sequence[int], block_size: int) -> list[bytes]:
+    """Keys of each *full* block of ``token_ids`` following ``parent``."""
+    n_full = len(token_ids) // block_size
+    if n_full == 0:
+        return []
+    toks = np.asarray(token_ids[: n_full * block_size], dtype="<u4").tobytes()
+    step = block_size * 4
+    keys = []
+    for i in range(n_full):
+        parent = hashlib.blake2b(parent + toks[i * step:(i + 1) * step],
+                                 digest_size=KEY_BYTES).digest()
+        keys.append(parent)
+    return keys
+
+
+class KeyChain:
+    """Keys of one request's full blocks, extended as its tokens grow."""
+
+    __slots__ = ("root", "block_size", "keys")
+
+    def __init__(self, root: bytes, block_size: int):
+        self.root = root
+        self.block_size = block_size
+        self.keys: list[bytes] = []
+
+    def extend(self, token_ids: Sequence[int]) -> list[bytes]:
+        """Make sure every full block of ``token_ids`` has its key; return all keys."""
+        have = len(self.keys)
+        n_full = len(token_ids) // self.block_size
+        if n_full > have:
+            parent = self.keys[-1] if self.keys else self.root
+            self.keys.extend(chain_keys(
+                parent, token_ids[have * self.block_size: n_full * self.block_size],
+                self.block_size))
+        return self.keys

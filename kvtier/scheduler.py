@@ -1,0 +1,463 @@
+"""Scheduler side: decides what to store, what to load, from which tier.
+
+It keeps each request's chained block keys, a DRAM tier (entries own a DRAM
+slot) and a disk tier (entries are records on disk, all ranks), and turns
+vLLM's scheduling decisions into ``KVTierMetadata`` for the workers:
+
+- lookup (``get_num_new_matched_tokens``): the longest run of blocks after
+  vLLM's local hit that is ready in DRAM or on disk; loaded asynchronously;
+- stores (``build_connector_meta``): every block that becomes full this step
+  and is in no tier yet gets a DRAM slot (LRU-within-TTL eviction) and, when
+  the disk tier is on, a disk reservation (write-through);
+- completions (``update_connector_output``): an entry becomes *ready* only once
+  every TP rank reported its bytes in place; failed loads drop the entry.
+
+Entries are pinned while a worker may touch their bytes, so a slot or a record
+is never reused or deleted under an in-flight copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from kvtier.config import KVTierConfig
+from kvtier.index import EVICT_DROPPED, Entry, SlotAllocator, Tier
+from kvtier.keys import KeyChain, root_key
+from kvtier.metrics import CHECKSUM_REASONS, StatsRecorder
+from kvtier.metadata import (NO_SLOT, KVTierMetadata, KVTierWorkerMeta, LoadItem, LoadJob,
+                             StoreItem, StoreJob)
+from kvtier.slots import SlotGeometry
+from kvtier.store import DiskStore
+
+if TYPE_CHECKING:
+    from vllm.v1.request import Request
+
+log = logging.getLogger("vllm.kvtier.scheduler")
+
+DRAM, DISK = "dram", "disk"
+FILE_TOUCH_EVERY_S = 60.0
+
+
+@dataclass
+class DramBlock:
+    slot: int
+    ready: bool = False
+
+
+@dataclass
+class ReqState:
+    request: "Request"
+    chain: KeyChain
+    block_ids: list[int] = field(default_factory=list)
+    handled_blocks: int = 0     # blocks [0, n) stored, present, or skipped
+    had_stores: bool = False
+
+
+@dataclass
+class PendingHit:
+    num_computed: int
+    hits: list[tuple[bytes, str]]   # (key, tier) per block after the local hit
+
+
+@dataclass
+class LoadPlan:
+    items: list[LoadItem]
+    tokens_by_tier: dict[str, int]
+
+
+@dataclass
+class Resolution:
+    """Completion of one thing done by every rank: ok and failed counts."""
+    ok: int = 0
+    failed: int = 0
+
+
+class KVTierScheduler:
+    def __init__(self, cfg: KVTierConfig, namespace: bytes, tp_size: int, block_size: int,
+                 geometry: SlotGeometry, clock: Callable[[], float] = time.time):
+        self.cfg = cfg
+        self.namespace = namespace
+        self.tp_size = tp_size
+        self.block_size = block_size
+        self.geometry = geometry
+        self.clock = clock
+        self.stats = StatsRecorder()
+        self.recovered_blocks = 0
+        self._lock = threading.RLock()
+
+        self.slots = SlotAllocator(geometry.num_slots)
+        self.dram = Tier(DRAM, geometry.num_slots, cfg.ttl_seconds, on_evict=self._dram_evicted)
+        self.record_size = geometry.record_bytes * tp_size   # one block, all ranks
+        self.disk: Tier | None = None
+        self.rank_stores: list[DiskStore] = []
+        self._sweep_q: queue.Queue = queue.Queue()
+        if cfg.disk_enabled:
+            self.disk = Tier(DISK, cfg.disk_bytes, cfg.ttl_seconds, on_evict=self._disk_evicted)
+            self.rank_stores = [DiskStore(cfg.disk_path, namespace, r, tp_size,
+                                          o_direct="off") for r in range(tp_size)]
+            self._recover()
+            threading.Thread(target=self._sweeper, name="kvtier-sweeper", daemon=True).start()
+
+        self._reqs: dict[str, ReqState] = {}
+        self._pending_hits: dict[str, PendingHit] = {}
+        self._loads: dict[str, LoadPlan] = {}
+        self._new_loads: list[LoadJob] = []
+        self._store_jobs: dict[int, tuple[list[StoreItem], Resolution]] = {}
+        self._writes: dict[bytes, Resolution] = {}
+        self._failed_keys: set[bytes] = set()
+        self._next_job = 0
+
+    # ------------------------------------------------------------------ tiers
+    def _dram_evicted(self, key, entry: Entry, cause: str) -> None:
+        self.slots.give(entry.value.slot)
+
+    def _disk_evicted(self, key, entry: Entry, cause: str) -> None:
+        self._sweep_q.put(("remove", key))
+
+    def _admit_dram(self, key: bytes, now: float) -> int | None:
+        """A new, pinned, not-ready DRAM entry for ``key``; its slot (None: full)."""
+        if key in self.dram:
+            return None
+        entry = self.dram.add(key, 1, now, value=DramBlock(NO_SLOT), pinned=True)
+        if entry is None:
+            return None
+        entry.value.slot = self.slots.take()
+        return entry.value.slot
+
+    def _touch(self, key: bytes, now: float) -> bool:
+        """Record a use of ``key`` in every tier holding it; False if none does."""
+        in_dram = self.dram.touch(key, now)
+        in_disk = False
+        if self.disk is not None:
+            entry = self.disk.peek(key)
+            stale = entry is not None and now - entry.last_use > FILE_TOUCH_EVERY_S
+            in_disk = self.disk.touch(key, now)
+            if in_disk and stale:   # last use survives restarts as the file's mtime
+                self._sweep_q.put(("touch", key))
+        return in_dram or in_disk
+
+    def _drop(self, tier: Tier | None, key: bytes) -> None:
+        """Never serve ``key`` from ``tier`` again; free it once nobody holds a pin."""
+        entry = tier.peek(key) if tier is not None else None
+        if entry is None:
+            return
+        entry.value.ready = False
+        if entry.pins == 0:
+            tier.discard(key, EVICT_DROPPED)
+
+    def _ready(self, tier: Tier | None, key: bytes, now: float) -> bool:
+        if tier is None:
+            return False
+        entry = tier.get(key, now)
+        return entry is not None and entry.value.ready
+
+    # ------------------------------------------------------------- recovery
+    def _recover(self) -> None:
+        """Rebuild the disk index from the directory: blocks every rank holds."""
+        t0 = time.perf_counter()
+        now = self.clock()
+        per_rank = [{info.key: info for info in s.scan()} for s in self.rank_stores]
+        common = set(per_rank[0]).intersection(*per_rank[1:]) if per_rank else set()
+        infos = sorted(((min(r[k].mtime for r in per_rank), k) for k in common))
+        for mtime, key in infos:
+            if now - mtime >= self.cfg.ttl_seconds:
+                self._sweep_q.put(("remove", key))
+                continue
+            entry = self.disk.add(key, self.record_size, mtime, value=DramBlock(NO_SLOT, True))
+            if entry is None:
+                self._sweep_q.put(("remove", key))
+        self.recovered_blocks = len(self.disk)
+        for s in self.rank_stores:
+            s.sweep_temp()
+        log.info("kvtier: recovered %d blocks (%.1f GiB) from %s in %.2f s", len(self.disk),
+                 self.disk.used / 2**30, self.cfg.disk_path, time.perf_counter() - t0)
+
+    def _sweeper(self) -> None:
+        """Background file work: removals of evicted/expired records, last-use touches,
+        periodic expiry while the engine is idle."""
+        while True:
+            try:
+                op, key = self._sweep_q.get(timeout=5.0)
+            except queue.Empty:
+                with self._lock:
+                    now = self.clock()
+                    self.dram.expire(now)
+                    self.disk.expire(now)
+                continue
+            for s in self.rank_stores:
+                if op == "remove":
+                    s.remove(key)
+                else:
+                    s.touch(key)
+
+    # ---------------------------------------------------------------- lookup
+    def _state(self, request: "Request") -> ReqState | None:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            if getattr(request, "mm_features", None) or getattr(request, "prompt_embeds",
+                                                                 None) is not None:
+                return None   # KV depends on more than token ids: never cache
+            lora = request.lora_request.lora_name if request.lora_request else None
+            root = root_key(self.namespace, getattr(request, "cache_salt", None), lora)
+            st = ReqState(request, KeyChain(root, self.block_size))
+            self._reqs[request.request_id] = st
+        return st
+
+    def _unpin_hits(self, pending: PendingHit | None, start: int = 0) -> None:
+        if pending is None:
+            return
+        for key, tier in pending.hits[start:]:
+            (self.dram if tier == DRAM else self.disk).unpin(key)
+
+    def get_num_new_matched_tokens(self, request: "Request",
+                                   num_computed_tokens: int) -> tuple[int, bool]:
+        with self._lock:
+            self._unpin_hits(self._pending_hits.pop(request.request_id, None))
+            st = self._state(request)
+            bs = self.block_size
+            if st is None or num_computed_tokens % bs:
+                return 0, False
+            max_blocks = (request.num_tokens - 1) // bs   # the last token is recomputed
+            start = num_computed_tokens // bs
+            if max_blocks <= start:
+                return 0, False
+            keys = st.chain.extend(request.all_token_ids[:max_blocks * bs])
+            now = self.clock()
+            hits: list[tuple[bytes, str]] = []
+            for key in keys[start:max_blocks]:
+                if self._ready(self.dram, key, now):
+                    hits.append((key, DRAM))
+                elif self._ready(self.disk, key, now) or self._probe_shared(key, now):
+                    hits.append((key, DISK))
+                else:
+                    break
+            self.stats.inc("kvtier_lookups_total")
+            self.stats.inc("kvtier_lookup_tokens_total", (max_blocks - start) * bs)
+            if len(hits) < self.cfg.min_hit_blocks:
+                return 0, False
+            for key, tier in hits:
+                (self.dram if tier == DRAM else self.disk).pin(key)
+            self._pending_hits[request.request_id] = PendingHit(num_computed_tokens, hits)
+            return len(hits) * bs, True
+
+    def _probe_shared(self, key: bytes, now: float) -> bool:
+        """Index miss: another process may have published the block (shared store)."""
+        if self.disk is None or key in self.disk:
+            return False
+        if not all(s.exists(key) for s in self.rank_stores):
+            return False
+        return self.disk.add(key, self.record_size, now, value=DramBlock(NO_SLOT, True)) \
+            is not None
+
+    def update_state_after_alloc(self, request: "Request", blocks,
+                                 num_external_tokens: int) -> None:
+        with self._lock:
+            pending = self._pending_hits.pop(request.request_id, None)
+            if num_external_tokens == 0 or pending is None:
+                self._unpin_hits(pending)
+                return
+            n = num_external_tokens // self.block_size
+            self._unpin_hits(pending, n)
+            start = pending.num_computed // self.block_size
+            gpu_blocks = blocks.get_block_ids()[0][start:start + n]
+            now = self.clock()
+            items: list[LoadItem] = []
+            by_tier = {DRAM: 0, DISK: 0}
+            for (key, tier), block in zip(pending.hits[:n], gpu_blocks):
+                self._touch(key, now)
+                if tier == DRAM:
+                    items.append(LoadItem(key, block, self.dram.peek(key).value.slot, False))
+                else:
+                    slot = self._admit_dram(key, now)
+                    items.append(LoadItem(key, block, NO_SLOT if slot is None else slot, True))
+                by_tier[tier] += self.block_size
+            for tier, tokens in by_tier.items():
+                self.stats.inc("kvtier_hit_tokens_total", tokens, tier=tier)
+            self._loads[request.request_id] = LoadPlan(items, by_tier)
+            self._new_loads.append(LoadJob(request.request_id, items))
+
+    def hit_sources(self, request: "Request", num_external_tokens: int) -> dict[str, int]:
+        plan = self._loads.get(request.request_id)
+        if plan is None or num_external_tokens == 0:
+            return {}
+        out, left = {}, num_external_tokens
+        for tier in (DRAM, DISK):
+            take = min(left, plan.tokens_by_tier[tier])
+            if take:
+                out[tier] = take
+                left -= take
+        if left:
+            out[DISK] = out.get(DISK, 0) + left
+        return out
+
+    # ---------------------------------------------------------------- stores
+    def build_connector_meta(self, so) -> KVTierMetadata:
+        with self._lock:
+            meta = KVTierMetadata(loads=self._new_loads, preempted=bool(so.preempted_req_ids))
+            self._new_loads = []
+            now = self.clock()
+            for req in so.scheduled_new_reqs:
+                self._plan_stores(meta, req.req_id, req.block_ids, True,
+                                  req.num_computed_tokens, so, now)
+            cached = so.scheduled_cached_reqs
+            for i, req_id in enumerate(cached.req_ids):
+                self._plan_stores(meta, req_id, cached.new_block_ids[i],
+                                  req_id in cached.resumed_req_ids,
+                                  cached.num_computed_tokens[i], so, now)
+            return meta
+
+    def _plan_stores(self, meta: KVTierMetadata, req_id: str, new_block_ids, replace: bool,
+                     num_computed: int, so, now: float) -> None:
+        st = self._reqs.get(req_id)
+        if st is None:
+            return
+        if new_block_ids is not None:
+            if replace:
+                st.block_ids = list(new_block_ids[0])
+            else:
+                st.block_ids.extend(new_block_ids[0])
+        request = st.request
+        done = min(num_computed + so.num_scheduled_tokens.get(req_id, 0),
+                   len(request.all_token_ids))
+        if not self.cfg.store_decode_tokens:
+            done = min(done, request.num_prompt_tokens)
+        n_full = min(done // self.block_size, len(st.block_ids))
+        if n_full <= st.handled_blocks:
+            return
+        keys = st.chain.extend(request.all_token_ids[:n_full * self.block_size])
+        items: list[StoreItem] = []
+        for i in range(st.handled_blocks, n_full):
+            key = keys[i]
+            if self._touch(key, now):
+                continue
+            slot = self._admit_dram(key, now)
+            if slot is None:
+                self.stats.inc("kvtier_skipped_stores_total", reason="dram_full")
+                continue
+            to_disk = False
+            if self.disk is not None:
+                to_disk = self.disk.add(key, self.record_size, now, value=DramBlock(NO_SLOT),
+                                        pinned=True) is not None
+                if to_disk:
+                    self.dram.pin(key)   # the slot is read by the disk write
+                else:
+                    self.stats.inc("kvtier_skipped_stores_total", reason="disk_full")
+            items.append(StoreItem(key, st.block_ids[i], slot, to_disk))
+        st.handled_blocks = n_full
+        if items:
+            job = self._next_job
+            self._next_job += 1
+            self._store_jobs[job] = (items, Resolution())
+            meta.stores.append(StoreJob(job, req_id, items))
+            st.had_stores = True
+
+    # ----------------------------------------------------------- completions
+    def update_connector_output(self, output) -> None:
+        with self._lock:
+            meta = getattr(output, "kv_connector_worker_meta", None)
+            if isinstance(meta, KVTierWorkerMeta):
+                self._apply_worker_meta(meta)
+            for req_id in output.finished_recving or ():
+                self._finish_load(req_id)
+
+    def _resolve(self, table: dict, key, ok: int, failed: int):
+        res = table.setdefault(key, Resolution())
+        res.ok += ok
+        res.failed += failed
+        if res.ok + res.failed < self.tp_size:
+            return None
+        del table[key]
+        return res.failed == 0
+
+    def _apply_worker_meta(self, meta: KVTierWorkerMeta) -> None:
+        for job in set(meta.stored) | set(meta.store_failed):
+            items, res = self._store_jobs[job]
+            res.ok += meta.stored.get(job, 0)
+            res.failed += meta.store_failed.get(job, 0)
+            if res.ok + res.failed < self.tp_size:
+                continue
+            del self._store_jobs[job]
+            for it in items:
+                self.dram.unpin(it.key)
+                if res.failed:   # the write pin (if any) is released by the write's result
+                    self._drop(self.dram, it.key)
+                else:
+                    self.dram.peek(it.key).value.ready = True
+                    self.stats.inc("kvtier_stored_blocks_total", tier=DRAM)
+                    self.stats.inc("kvtier_stored_bytes_total", self.record_size, tier=DRAM)
+        for key in set(meta.written) | set(meta.write_failed):
+            ok = self._resolve(self._writes, key, meta.written.get(key, 0),
+                               meta.write_failed.get(key, 0))
+            if ok is None:
+                continue
+            self.dram.unpin(key)
+            if self.disk is None or key not in self.disk:
+                continue
+            self.disk.unpin(key)
+            if ok:
+                self.disk.peek(key).value.ready = True
+                self.stats.inc("kvtier_stored_blocks_total", tier=DISK)
+                self.stats.inc("kvtier_stored_bytes_total", self.record_size, tier=DISK)
+            else:
+                self._drop(self.disk, key)   # removes any rank's record too
+        self._failed_keys.update(meta.load_failed)
+        for reason, n in meta.fail_reasons.items():
+            if reason in ("backpressure", "gather"):
+                self.stats.inc("kvtier_skipped_stores_total", n, reason=reason)
+            elif reason == "write_error":
+                self.stats.inc("kvtier_io_errors_total", n)
+            else:
+                self.stats.inc("kvtier_load_failures_total", n, reason=reason)
+                if reason in CHECKSUM_REASONS:
+                    self.stats.inc("kvtier_checksum_failures_total", n)
+                elif reason == "io_error":
+                    self.stats.inc("kvtier_io_errors_total", n)
+        for tier, nbytes, secs in meta.load_timings:
+            self.stats.inc("kvtier_loaded_bytes_total", nbytes, tier=tier)
+            self.stats.observe("kvtier_load_seconds", secs, tier=tier)
+
+    def _finish_load(self, req_id: str) -> None:
+        plan = self._loads.pop(req_id, None)
+        if plan is None:
+            return
+        for it in plan.items:
+            failed = it.key in self._failed_keys
+            if it.from_disk:
+                self.disk.unpin(it.key)
+                if failed:
+                    self._drop(self.disk, it.key)
+            if it.slot != NO_SLOT:
+                self.dram.unpin(it.key)
+                if failed:
+                    self._drop(self.dram, it.key)
+                elif it.from_disk:
+                    self.dram.peek(it.key).value.ready = True   # promoted into DRAM
+        self._failed_keys.difference_update(it.key for it in plan.items)
+
+    def request_finished(self, request: "Request") -> bool:
+        """True: blocks must stay allocated until the workers report the stores done."""
+        with self._lock:
+            self._unpin_hits(self._pending_hits.pop(request.request_id, None))
+            st = self._reqs.pop(request.request_id, None)
+            return bool(st and st.had_stores)
+
+    # ------------------------------------------------------------- reporting
+    def take_stats(self):
+        """Metrics for vLLM's /metrics (see kvtier.metrics): counters, occupancy."""
+        with self._lock:
+            for tier in (self.dram, self.disk):
+                if tier is None:
+                    continue
+                for cause, n in tier.stats.evictions.items():
+                    self.stats.counters.setdefault("kvtier_evictions_total", {})[
+                        f"cause={cause},tier={tier.name}"] = n
+                size = self.geometry.slot_bytes * self.tp_size if tier is self.dram else 1
+                self.stats.set("kvtier_occupancy_bytes", tier.used * size, tier=tier.name)
+                self.stats.set("kvtier_capacity_bytes", tier.capacity * size, tier=tier.name)
+                self.stats.set("kvtier_blocks", len(tier), tier=tier.name)
+            return self.stats.take()

@@ -1,0 +1,53 @@
+"""Two rounds of the same long prompts through an offline vLLM engine.
+
+Usage: python rounds.py MODEL_DIR OUT.json '{"connector": true, "extra": {...}, ...}'
+Writes per-request cached tokens, greedy output ids, output logprobs and the
+prompt logprobs vLLM computes (of the tokens it did not take from a cache).
+"""
+import json
+import random
+import sys
+
+
+def main():
+    model, out_path, opts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    kw = {}
+    if opts.get("connector", True):
+        kw["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="KVTierConnector", kv_connector_module_path="kvtier.connector",
+            kv_role="kv_both", kv_load_failure_policy="recompute",
+            kv_connector_extra_config=opts.get("extra", {}))
+    llm = LLM(model=model, block_size=32, enforce_eager=True, max_model_len=1024,
+              num_gpu_blocks_override=opts.get("gpu_blocks", 56), gpu_memory_utilization=0.2,
+              seed=0, **kw)
+    rng = random.Random(opts.get("seed", 0))
+    n, length = opts.get("prompts", 6), opts.get("length", 750)
+    prompts = [[rng.randrange(0, 256) for _ in range(length)] for _ in range(n)]
+    sp = SamplingParams(max_tokens=opts.get("max_tokens", 8), temperature=0, logprobs=3,
+                        prompt_logprobs=1, skip_reading_prefix_cache=False,
+                        detokenize=False)
+    results = []
+    for rnd in range(opts.get("rounds", 2)):
+        for i, p in enumerate(prompts):
+            o = llm.generate([{"prompt_token_ids": p}], sp, use_tqdm=False)[0]
+            c = o.outputs[0]
+            results.append({
+                "round": rnd, "prompt": i, "prompt_tokens": len(p),
+                "cached": o.num_cached_tokens,
+                "output": list(c.token_ids),
+                "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)],
+                # vLLM returns prompt logprobs only for the tokens it computed
+                # (the tail after a cache hit): keep them aligned to the end.
+                "prompt_logprobs": [None if d is None else {str(t): v.logprob
+                                                            for t, v in d.items()}
+                                    for d in (o.prompt_logprobs or [])],
+            })
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main()
