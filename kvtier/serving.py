@@ -40,7 +40,7 @@ def kv_transfer_config(extra: dict | None) -> str:
 def server_command(model: str, port: int, kvtier: dict | None, vllm_args: list[str] = (),
                    connector: bool = True) -> list[str]:
     """The vLLM server command line (``python -m`` works for the CPU and GPU wheels)."""
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", model,
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--host", "127.0.0.1", "--port", str(port)]
     if connector:
         cmd += ["--kv-transfer-config", kv_transfer_config(kvtier)]

@@ -219,13 +219,14 @@ class KVTierWorker:
 
     # -- loads ---------------------------------------------------------------
     def _start_load(self, job: LoadJob) -> None:
+        t0 = time.perf_counter()
         reads = [it for it in job.items if it.from_disk and it.slot != NO_SLOT]
         failed: set[int] = {i for i, it in enumerate(job.items) if it.slot == NO_SLOT}
         if not reads or self.store is None:
             failed |= {i for i, it in enumerate(job.items) if it.from_disk}
-            self._copy_q.put(lambda: self._finish_load(job, failed))
+            self._copy_q.put(lambda: self._finish_load(job, failed, t0))
             return
-        state = {"left": len(reads), "t0": time.perf_counter()}
+        state = {"left": len(reads)}
         index = {id(it): i for i, it in enumerate(job.items)}
         lock = threading.Lock()
 
@@ -247,18 +248,13 @@ class KVTierWorker:
             if reason is not None and reason != "missing":
                 log.warning("kvtier: record %s unusable (%s): recomputing", it.key.hex(), reason)
             if last:
-                secs = time.perf_counter() - state["t0"]
-                with self._lock:
-                    self._out.load_timings.append(
-                        ("disk", len(reads) * self.geometry.record_bytes, secs))
-                self._copy_q.put(lambda: self._finish_load(job, failed))
+                self._copy_q.put(lambda: self._finish_load(job, failed, t0))
 
         for it in reads:
             self._io.submit(read_one, it)
 
-    def _finish_load(self, job: LoadJob, failed: set[int]) -> None:
+    def _finish_load(self, job: LoadJob, failed: set[int], t0: float) -> None:
         good = [it for i, it in enumerate(job.items) if i not in failed]
-        t0 = time.perf_counter()
         try:
             self.engine.scatter([it.slot for it in good], [it.block for it in good])
         except Exception:
@@ -267,8 +263,9 @@ class KVTierWorker:
             good = []
         secs = time.perf_counter() - t0
         with self._lock:
-            if good:
-                self._out.load_timings.append(("dram", len(good) * self.layout.block_bytes, secs))
+            if good:   # one observation per load, labelled with the farthest tier touched
+                tier = "disk" if any(it.from_disk for it in job.items) else "dram"
+                self._out.load_timings.append((tier, len(good) * self.layout.block_bytes, secs))
             for i in failed:
                 it = job.items[i]
                 self._invalid_blocks.add(it.block)

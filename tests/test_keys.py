@@ -1,0 +1,63 @@
+import os
+import subprocess
+import sys
+
+from kvtier.keys import KeyChain, Namespace, chain_keys, root_key
+
+NS = Namespace(model="m", kv_dtype="bfloat16", layout="LBHNC", block_size=4, tp_size=1)
+
+SNIPPET = (
+    "from kvtier.keys import *;"
+    "ns=Namespace(model='m',kv_dtype='bfloat16',layout='LBHNC',block_size=4,tp_size=1);"
+    "print(','.join(k.hex() for k in chain_keys(root_key(ns.digest(),'salt'),"
+    "list(range(40)),4)))")
+
+
+def test_keys_stable_across_processes_and_hash_seeds():
+    outs = set()
+    for seed in ("0", "1", "12345"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        outs.add(subprocess.check_output([sys.executable, "-c", SNIPPET], env=env,
+                                         text=True).strip())
+    assert len(outs) == 1
+    here = ",".join(k.hex() for k in chain_keys(root_key(NS.digest(), "salt"),
+                                                 list(range(40)), 4))
+    assert outs == {here}
+
+
+def test_chain_is_a_prefix_hash():
+    root = root_key(NS.digest())
+    a = chain_keys(root, [1, 2, 3, 4, 5, 6, 7, 8, 9], 4)
+    b = chain_keys(root, [1, 2, 3, 4, 5, 6, 7, 9, 9, 9, 9, 9], 4)
+    assert len(a) == 2 and len(b) == 3          # only full blocks get keys
+    assert a[0] == b[0] and a[1] != b[1]        # diverging block, and all after it
+    c = chain_keys(root, [9, 2, 3, 4, 5, 6, 7, 8], 4)
+    assert c[1] != a[1]                          # same tokens, other parent: other key
+
+
+def test_namespace_salt_and_lora_separate_keys():
+    toks = list(range(8))
+    base = chain_keys(root_key(NS.digest()), toks, 4)
+    others = [
+        chain_keys(root_key(NS.digest(), cache_salt="tenant-b"), toks, 4),
+        chain_keys(root_key(NS.digest(), lora_name="adapter"), toks, 4),
+        chain_keys(root_key(Namespace("m", "fp8", "LBHNC", 4).digest()), toks, 4),
+        chain_keys(root_key(Namespace("m", "bfloat16", "LBNHC", 4).digest()), toks, 4),
+        chain_keys(root_key(Namespace("m", "bfloat16", "LBHNC", 4, tp_size=2).digest()),
+                   toks, 4),
+        chain_keys(root_key(Namespace("other", "bfloat16", "LBHNC", 4).digest()), toks, 4),
+    ]
+    for o in others:
+        assert set(o).isdisjoint(base)
+    # An empty salt is not "no salt".
+    assert chain_keys(root_key(NS.digest(), cache_salt=""), toks, 4) != base
+
+
+def test_keychain_extends_incrementally():
+    root = root_key(NS.digest())
+    chain = KeyChain(root, 4)
+    toks = list(range(18))
+    chain.extend(toks[:5])
+    assert len(chain.keys) == 1
+    chain.extend(toks)
+    assert chain.keys == chain_keys(root, toks, 4)
