@@ -1,0 +1,131 @@
+"""Native copy engine, CPU path: exact round trips, byte-identical to the torch
+reference engine, argument checks that leave memory untouched.
+
+The CPU path uses csrc/kvtier_addressing.h, the index math of the CUDA kernel
+too, so these tests cover the kernel's addressing.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import kvtier._copy_engine  # noqa: F401  (fails the module when the extension is not built)
+from kvtier.copy import CopyError, TorchCopyEngine, make_copy_engine
+from kvtier.native_copy import NativeCopyEngine
+from tests.kv_fixtures import (BAD_ARGUMENTS, DTYPES, LAYOUTS, NUM_BLOCKS, NUM_SLOTS,
+                               PAYLOAD_OFFSET, assert_same, check_against_torch, kv_snapshot,
+                               make_kv_caches, make_layout, make_pool)
+
+
+def setup(layout, dtype, block_size, threads=None):
+    caches = make_kv_caches(layout, NUM_BLOCKS, block_size, dtype)
+    kv_layout = make_layout(caches, NUM_BLOCKS, layout)
+    pool = make_pool(kv_layout, NUM_SLOTS)
+    return caches, kv_layout, pool, NativeCopyEngine(kv_layout, pool, PAYLOAD_OFFSET,
+                                                     threads=threads)
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matches_torch(layout, dtype, block_size):
+    def native(kv_layout, pool):
+        engine = NativeCopyEngine(kv_layout, pool, PAYLOAD_OFFSET)
+        assert engine.name == "native-cpu"
+        return engine
+    check_against_torch(layout, dtype, block_size, "cpu", native)
+
+
+def test_round_trip_restores_exactly():
+    caches, _, _, native = setup("LBNHC", "bf16", 32)
+    before = kv_snapshot(caches)
+    blocks = [3, 17, 5, 39, 0, 22]
+    native.gather(blocks, [1, 2, 3, 4, 5, 6])
+    for t in caches.values():
+        t.view(torch.uint8)[blocks] = 0
+    native.scatter([1, 2, 3, 4, 5, 6], blocks)
+    assert_same(kv_snapshot(caches), before)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_threads_split_large_transfers(threads):
+    # 24 blocks of 6 runs of 16 KiB: above the inline threshold, so the pool splits it.
+    caches, kv_layout, pool, native = setup("LBHNC", "bf16", 128, threads=threads)
+    ref_pool = make_pool(kv_layout, NUM_SLOTS)
+    blocks, slots = list(range(39, 15, -1)), list(range(NUM_SLOTS))
+    native.gather(blocks, slots)
+    TorchCopyEngine(kv_layout, caches, ref_pool, PAYLOAD_OFFSET).gather(blocks, slots)
+    assert np.array_equal(pool.array, ref_pool.array)
+
+
+def test_empty_transfer_is_a_no_op():
+    caches, _, pool, native = setup("LBHNC", "fp16", 16)
+    before = kv_snapshot(caches)
+    native.gather([], [])
+    native.scatter([], [])
+    native.gather(np.array([], dtype=np.int64), np.array([], dtype=np.int64))
+    assert not pool.array.any()
+    assert_same(kv_snapshot(caches), before)
+
+
+@pytest.mark.parametrize("op", ["gather", "scatter"])
+@pytest.mark.parametrize("blocks,slots,message", BAD_ARGUMENTS)
+def test_bad_arguments_raise_and_touch_nothing(op, blocks, slots, message):
+    caches, _, pool, native = setup("LBHNC", "bf16", 32)
+    native.gather([0, 1, 2], [0, 1, 2])
+    kv_before, pool_before = kv_snapshot(caches), pool.array.copy()
+    with pytest.raises(CopyError, match=message):
+        if op == "gather":
+            native.gather(blocks, slots)
+        else:
+            native.scatter(slots, blocks)
+    assert_same(kv_snapshot(caches), kv_before)
+    assert np.array_equal(pool.array, pool_before)
+
+
+def test_slot_too_small_is_refused():
+    caches = make_kv_caches("LBHNC", NUM_BLOCKS, 16, "bf16")
+    kv_layout = make_layout(caches, NUM_BLOCKS, "LBHNC")
+    pool = make_pool(kv_layout, 4)
+    with pytest.raises(CopyError, match="slot too small"):
+        NativeCopyEngine(kv_layout, pool, pool.slot_bytes - kv_layout.block_bytes + 1)
+
+
+def test_concurrent_callers_share_one_engine():
+    caches, kv_layout, pool, native = setup("LBHNC", "bf16", 128, threads=2)
+    ref_pool = make_pool(kv_layout, NUM_SLOTS)
+    ref = TorchCopyEngine(kv_layout, caches, ref_pool, PAYLOAD_OFFSET)
+    jobs = [(list(range(i, 40, 4))[:6], list(range(6 * i, 6 * i + 6))) for i in range(4)]
+    threads = [threading.Thread(target=native.gather, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for job in jobs:
+        ref.gather(*job)
+    assert np.array_equal(pool.array, ref_pool.array)
+
+
+def test_make_copy_engine_picks_native():
+    caches = make_kv_caches("LBHNC", NUM_BLOCKS, 32, "bf16")
+    kv_layout = make_layout(caches, NUM_BLOCKS, "LBHNC")
+    pool = make_pool(kv_layout, 4)
+    assert make_copy_engine(kv_layout, caches, pool, PAYLOAD_OFFSET).name == "native-cpu"
+    assert make_copy_engine(kv_layout, caches, pool, PAYLOAD_OFFSET, prefer="torch").name == "torch"
+
+
+def test_cuda_cache_without_cuda_build_falls_back_to_torch(monkeypatch):
+    from dataclasses import replace
+
+    from kvtier import native_copy
+    caches = make_kv_caches("LBNHC", NUM_BLOCKS, 16, "bf16")
+    kv_layout = replace(make_layout(caches, NUM_BLOCKS, "LBNHC"), device="cuda:0")
+    pool = make_pool(kv_layout, 4)
+    monkeypatch.setattr(native_copy._ce, "with_cuda", False)
+    assert make_copy_engine(kv_layout, caches, pool, PAYLOAD_OFFSET).name == "torch"
+    with pytest.raises(CopyError, match="no native copy path"):
+        NativeCopyEngine(kv_layout, pool, PAYLOAD_OFFSET)
