@@ -90,6 +90,7 @@ class KVTierStats(KVConnectorStats):
 class KVTierPromMetrics(KVConnectorPromMetrics):
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        unregister_kvtier_metrics()   # a second engine in one process registers anew
         self._metrics = {}
         for name, (kind, doc, extra) in METRICS.items():
             names = list(labelnames) + list(extra)
@@ -127,6 +128,14 @@ class KVTierPromMetrics(KVConnectorPromMetrics):
                 child = self._child(name, engine_idx, lkey)
                 for v in values:
                     child.observe(v)
+
+
+def unregister_kvtier_metrics() -> None:
+    """Drop kvtier's collectors from the default registry (as vLLM does for its own)."""
+    from prometheus_client import REGISTRY
+    for collector in list(REGISTRY._collector_to_names):
+        if getattr(collector, "_name", "").startswith("kvtier_"):
+            REGISTRY.unregister(collector)
 
 
 class StatsRecorder:

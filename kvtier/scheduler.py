@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from kvtier.config import KVTierConfig
-from kvtier.index import EVICT_DROPPED, Entry, SlotAllocator, Tier
+from kvtier.index import EVICT_DROPPED, Entry, LoadCostModel, SlotAllocator, Tier
 from kvtier.keys import KeyChain, root_key
 from kvtier.metrics import CHECKSUM_REASONS, StatsRecorder
 from kvtier.metadata import (NO_SLOT, KVTierMetadata, KVTierWorkerMeta, LoadItem, LoadJob,
@@ -41,6 +41,7 @@ log = logging.getLogger("vllm.kvtier.scheduler")
 
 DRAM, DISK = "dram", "disk"
 FILE_TOUCH_EVERY_S = 60.0
+PREFILL_STEP_TOKENS = 256   # steps with fewer tokens are decode-bound: no prefill rate
 
 
 @dataclass
@@ -88,9 +89,12 @@ class KVTierScheduler:
         self.clock = clock
         self.stats = StatsRecorder()
         self.recovered_blocks = 0
+        self.cost = LoadCostModel()
+        self._step: tuple[float, int] | None = None   # (start, prompt tokens) of this step
         self._lock = threading.RLock()
 
         self.slots = SlotAllocator(geometry.num_slots)
+        self.max_staged = max(1, geometry.num_slots // 2)   # disk blocks per load
         self.dram = Tier(DRAM, geometry.num_slots, cfg.ttl_seconds, on_evict=self._dram_evicted)
         self.record_size = geometry.record_bytes * tp_size   # one block, all ranks
         self.disk: Tier | None = None
@@ -238,12 +242,30 @@ class KVTierScheduler:
                     break
             self.stats.inc("kvtier_lookups_total")
             self.stats.inc("kvtier_lookup_tokens_total", (max_blocks - start) * bs)
+            # Disk hits are staged through DRAM slots: never promise more than fit.
+            disk_hits = [i for i, (_, t) in enumerate(hits) if t == DISK]
+            if len(disk_hits) > self.max_staged:
+                hits = hits[:disk_hits[self.max_staged]]
+            hits = self._worth_loading(hits, now)
             if len(hits) < self.cfg.min_hit_blocks:
                 return 0, False
             for key, tier in hits:
                 (self.dram if tier == DRAM else self.disk).pin(key)
             self._pending_hits[request.request_id] = PendingHit(num_computed_tokens, hits)
             return len(hits) * bs, True
+
+    def _worth_loading(self, hits: list[tuple[bytes, str]], now: float):
+        """Drop the tiers whose load would be slower than recomputing (never a slower hit)."""
+        if self.cfg.load_policy == "always" or not hits:
+            return hits
+        per_rank = self.geometry.record_bytes
+        for tier in (DISK, DRAM):
+            n = sum(1 for _, t in hits if t == tier)
+            if n and not self.cost.worth_loading(tier, n * per_rank, n * self.block_size, now):
+                cut = next(i for i, (_, t) in enumerate(hits) if t == tier)
+                self.stats.inc("kvtier_declined_loads_total", len(hits) - cut, tier=tier)
+                hits = hits[:cut]
+        return hits
 
     def _probe_shared(self, key: bytes, now: float) -> bool:
         """Index miss: another process may have published the block (shared store)."""
@@ -301,6 +323,7 @@ class KVTierScheduler:
             meta = KVTierMetadata(loads=self._new_loads, preempted=bool(so.preempted_req_ids))
             self._new_loads = []
             now = self.clock()
+            self._step = (time.perf_counter(), so.total_num_scheduled_tokens)
             for req in so.scheduled_new_reqs:
                 self._plan_stores(meta, req.req_id, req.block_ids, True,
                                   req.num_computed_tokens, so, now)
@@ -420,6 +443,7 @@ class KVTierScheduler:
         for tier, nbytes, secs in meta.load_timings:
             self.stats.inc("kvtier_loaded_bytes_total", nbytes, tier=tier)
             self.stats.observe("kvtier_load_seconds", secs, tier=tier)
+            self.cost.observe_load(tier, nbytes, secs)
 
     def _finish_load(self, req_id: str) -> None:
         plan = self._loads.pop(req_id, None)
@@ -448,8 +472,17 @@ class KVTierScheduler:
 
     # ------------------------------------------------------------- reporting
     def take_stats(self):
-        """Metrics for vLLM's /metrics (see kvtier.metrics): counters, occupancy."""
+        """Metrics for vLLM's /metrics (see kvtier.metrics): counters, occupancy.
+
+        vLLM calls this once per step, after the step ran: the step's duration
+        and token count feed the prefill-rate estimate of the cost model.
+        """
         with self._lock:
+            if self._step is not None:
+                t0, tokens = self._step
+                self._step = None
+                if tokens >= PREFILL_STEP_TOKENS:
+                    self.cost.observe_prefill(tokens, time.perf_counter() - t0)
             for tier in (self.dram, self.disk):
                 if tier is None:
                     continue

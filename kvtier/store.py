@@ -79,24 +79,45 @@ def pack_header(buf, namespace: bytes, key: bytes, rank: int, tp_size: int,
     buf[:len(blob)] = np.frombuffer(blob, dtype=np.uint8)
 
 
+@dataclass(frozen=True)
+class Header:
+    namespace: bytes
+    key: bytes
+    rank: int
+    tp_size: int
+    payload_len: int
+    checksum: int
+    created: float
+
+
+def parse_header(buf) -> Header:
+    """The header's fields, after its own checksum, magic and version are checked."""
+    if len(buf) < _HEADER.size + _HEADER_CRC.size:
+        raise RecordError("truncated", f"{len(buf)} bytes: no header")
+    head = bytes(buf[:_HEADER.size])
+    (crc,) = _HEADER_CRC.unpack(bytes(buf[_HEADER.size:_HEADER.size + _HEADER_CRC.size]))
+    if xxhash.xxh3_64_intdigest(head) != crc:
+        raise RecordError("bad_header", "header checksum mismatch")
+    magic, version, hbytes, ns, k, r, tp, plen, checksum, created = _HEADER.unpack(head)
+    if magic != MAGIC or version != FORMAT_VERSION or hbytes != HEADER_BYTES:
+        raise RecordError("bad_header", f"magic/version {magic!r}/{version}")
+    return Header(ns, k, r, tp, plen, checksum, created)
+
+
 def check_record(buf, namespace: bytes, key: bytes, rank: int, tp_size: int,
                  payload_len: int, file_size: int) -> None:
     """Raise RecordError unless ``buf`` holds a valid record of exactly this block."""
     if file_size < HEADER_BYTES + payload_len:
         raise RecordError("truncated", f"{file_size} bytes < {HEADER_BYTES + payload_len}")
-    head = bytes(buf[:_HEADER.size])
-    (crc,) = _HEADER_CRC.unpack(bytes(buf[_HEADER.size:_HEADER.size + _HEADER_CRC.size]))
-    if xxhash.xxh3_64_intdigest(head) != crc:
-        raise RecordError("bad_header", "header checksum mismatch")
-    magic, version, hbytes, ns, k, r, tp, plen, checksum, _ = _HEADER.unpack(head)
-    if magic != MAGIC or version != FORMAT_VERSION or hbytes != HEADER_BYTES:
-        raise RecordError("bad_header", f"magic/version {magic!r}/{version}")
-    if ns != namespace or r != rank or tp != tp_size:
-        raise RecordError("wrong_namespace", f"record of namespace {ns.hex()} rank {r}/{tp}")
-    if k != key:
-        raise RecordError("wrong_key", f"record holds key {k.hex()}")
-    if plen != payload_len:
-        raise RecordError("bad_header", f"payload length {plen} != {payload_len}")
+    h = parse_header(buf)
+    if h.namespace != namespace or h.rank != rank or h.tp_size != tp_size:
+        raise RecordError("wrong_namespace",
+                          f"record of namespace {h.namespace.hex()} rank {h.rank}/{h.tp_size}")
+    if h.key != key:
+        raise RecordError("wrong_key", f"record holds key {h.key.hex()}")
+    if h.payload_len != payload_len:
+        raise RecordError("bad_header", f"payload length {h.payload_len} != {payload_len}")
+    checksum = h.checksum
     payload = buf[HEADER_BYTES:HEADER_BYTES + payload_len]
     if xxhash.xxh3_64_intdigest(payload) != checksum:
         raise RecordError("checksum", "payload checksum mismatch")

@@ -18,6 +18,7 @@ through ``KVTierWorkerMeta`` and vLLM's finished-sending/receiving sets.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -36,6 +37,8 @@ from kvtier.store import HEADER_BYTES, DiskStore, RecordError, pack_header
 log = logging.getLogger("vllm.kvtier.worker")
 
 DISK_BACKOFF_S = 5.0   # after ENOSPC/EIO, skip writes this long (backpressure)
+# Fault injection for tests: every disk read sleeps this long (a slow tier).
+READ_DELAY_S = float(os.environ.get("KVTIER_FAULT_READ_DELAY_S", "0") or 0)
 
 
 class KVTierWorker:
@@ -147,6 +150,10 @@ class KVTierWorker:
         if self._io is not None:
             self._io.shutdown(wait=True)
             self._io = None
+        if self.engine is not None and hasattr(self.engine, "close"):
+            self.engine.close()   # before the pool: a pinned pool must outlive its engine
+        if self.pool is not None:
+            self.pool.close()
 
     # -- stores --------------------------------------------------------------
     def _copy_loop(self) -> None:
@@ -224,7 +231,7 @@ class KVTierWorker:
         failed: set[int] = {i for i, it in enumerate(job.items) if it.slot == NO_SLOT}
         if not reads or self.store is None:
             failed |= {i for i, it in enumerate(job.items) if it.from_disk}
-            self._copy_q.put(lambda: self._finish_load(job, failed, t0))
+            self._copy_q.put(lambda: self._finish_load(job, failed))
             return
         state = {"left": len(reads)}
         index = {id(it): i for i, it in enumerate(job.items)}
@@ -232,6 +239,8 @@ class KVTierWorker:
 
         def read_one(it):
             reason = None
+            if READ_DELAY_S:
+                time.sleep(READ_DELAY_S)
             try:
                 self.store.read(it.key, self.pool.slot(it.slot), self.geometry.payload_bytes)
             except RecordError as e:
@@ -248,13 +257,17 @@ class KVTierWorker:
             if reason is not None and reason != "missing":
                 log.warning("kvtier: record %s unusable (%s): recomputing", it.key.hex(), reason)
             if last:
-                self._copy_q.put(lambda: self._finish_load(job, failed, t0))
+                with self._lock:
+                    self._out.load_timings.append(
+                        ("disk", len(reads) * self.geometry.record_bytes, time.perf_counter() - t0))
+                self._copy_q.put(lambda: self._finish_load(job, failed))
 
         for it in reads:
             self._io.submit(read_one, it)
 
-    def _finish_load(self, job: LoadJob, failed: set[int], t0: float) -> None:
+    def _finish_load(self, job: LoadJob, failed: set[int]) -> None:
         good = [it for i, it in enumerate(job.items) if i not in failed]
+        t0 = time.perf_counter()
         try:
             self.engine.scatter([it.slot for it in good], [it.block for it in good])
         except Exception:
@@ -263,9 +276,8 @@ class KVTierWorker:
             good = []
         secs = time.perf_counter() - t0
         with self._lock:
-            if good:   # one observation per load, labelled with the farthest tier touched
-                tier = "disk" if any(it.from_disk for it in job.items) else "dram"
-                self._out.load_timings.append((tier, len(good) * self.layout.block_bytes, secs))
+            if good:   # DRAM -> GPU phase (disk reads are timed on their own)
+                self._out.load_timings.append(("dram", len(good) * self.layout.block_bytes, secs))
             for i in failed:
                 it = job.items[i]
                 self._invalid_blocks.add(it.block)

@@ -9,18 +9,17 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from kvtier.serving import Server, cpu_defaults, metric_value
+from kvtier.serving import metric_value
 from tests.conftest import ROOT, needs_vllm
+from tests.helpers import FULL_BLOCK_TOKENS, cached, prompts, server, wait_records
 
 pytestmark = [pytest.mark.e2e, needs_vllm]
 
 SCENARIOS = Path(__file__).parent / "scenarios"
-FULL_BLOCK_TOKENS = (750 - 1) // 32 * 32   # the last token is always recomputed
 TOL = 1e-3   # logprob tolerance vs recompute (measured: 0.0, bit-identical KV)
 
 
@@ -76,42 +75,6 @@ def test_reload_equals_recompute(kvtier_rounds, baseline_rounds):
 
 
 # ---------------------------------------------------------------- server tests
-def prompts(n=6, length=750, seed=1):
-    import random
-    rng = random.Random(seed)
-    return [[rng.randrange(0, 256) for _ in range(length)] for _ in range(n)]
-
-
-RECORD_BYTES = 4096 + 2 * 32 * 2 * 128 * 2   # header + 2 layers x 32 tok x 2 heads x (K+V) bf16
-
-
-def server(model_dir, store: Path, log: Path, **extra) -> Server:
-    cfg = {"dram_bytes": 80 * RECORD_BYTES, "disk_path": str(store), "disk_bytes": "1GiB"}
-    cfg.update(extra)
-    args = cpu_defaults(1024) + ["--num-gpu-blocks-override", "56",
-                                 "--enable-prompt-tokens-details", "--seed", "0"]
-    return Server(model_dir, cfg, args, log_path=str(log))
-
-
-def cached(resp: dict) -> int:
-    return (resp["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-
-
-def records(store: Path) -> set[Path]:
-    return {p for p in store.rglob("*") if p.is_file() and p.parent.name != "tmp"
-            and len(p.name) == 32}
-
-
-def wait_records(store: Path, n: int, timeout: float = 60) -> set[Path]:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = records(store)
-        if len(got) >= n:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"{len(records(store))} records on disk, expected {n}")
-
-
 def test_disk_tier_restart_corruption_and_salt(model_dir, tmp_path):
     store, ps = tmp_path / "store", prompts()
     blocks = FULL_BLOCK_TOKENS // 32

@@ -22,7 +22,7 @@ def main():
             kv_connector_extra_config=opts.get("extra", {}))
     llm = LLM(model=model, block_size=32, enforce_eager=True, max_model_len=1024,
               num_gpu_blocks_override=opts.get("gpu_blocks", 56), gpu_memory_utilization=0.2,
-              seed=0, **kw)
+              seed=0, tensor_parallel_size=opts.get("tp", 1), **kw)
     rng = random.Random(opts.get("seed", 0))
     n, length = opts.get("prompts", 6), opts.get("length", 750)
     prompts = [[rng.randrange(0, 256) for _ in range(length)] for _ in range(n)]
@@ -31,6 +31,8 @@ def main():
                         detokenize=False)
     results = []
     for rnd in range(opts.get("rounds", 2)):
+        if rnd == 1 and "corrupt" in opts:
+            corrupt(model, opts, prompts)
         for i, p in enumerate(prompts):
             o = llm.generate([{"prompt_token_ids": p}], sp, use_tqdm=False)[0]
             c = o.outputs[0]
@@ -47,6 +49,27 @@ def main():
             })
     with open(out_path, "w") as f:
         json.dump(results, f)
+
+
+def corrupt(model, opts, prompts):
+    """Flip a payload byte of one block's record on one TP rank only (a real fault)."""
+    import time
+
+    from kvtier.keys import Namespace, chain_keys, root_key
+    from kvtier.store import HEADER_BYTES, DiskStore
+
+    c = opts["corrupt"]
+    ns = Namespace(model=f"{model}@", kv_dtype="bfloat16", layout="LBHNC", block_size=32,
+                   tp_size=opts.get("tp", 1))
+    keys = chain_keys(root_key(ns.digest()), prompts[c["prompt"]], 32)
+    path = DiskStore(opts["extra"]["disk_path"], ns.digest(), c["rank"], ns.tp_size).path(
+        keys[c["block"]])
+    deadline = time.time() + 60
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    data = bytearray(path.read_bytes())
+    data[HEADER_BYTES + 7] ^= 0x20
+    path.write_bytes(bytes(data))
 
 
 if __name__ == "__main__":

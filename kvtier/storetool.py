@@ -1,0 +1,198 @@
+"""``kvtier store stats|verify|gc PATH``: inspect and maintain a disk store offline.
+
+- stats:  blocks, bytes, age histogram (by last use), per namespace and rank;
+- verify: read every record and check header, key, namespace, rank and payload
+          checksum (exit 1 if any is bad; ``--delete`` removes the bad ones);
+- gc:     remove crashed writers' temp files, records unused for ``--ttl-seconds``,
+          then the least recently used blocks until ``--max-bytes`` holds.
+A block is all its ranks' records: gc removes them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvtier.config import ConfigError, parse_size
+from kvtier.store import HEADER_BYTES, RecordError, parse_header
+
+AGE_BUCKETS = ((60, "<1m"), (300, "<5m"), (3600, "<1h"), (86400, "<1d"), (float("inf"), ">=1d"))
+
+
+@dataclass(frozen=True)
+class Record:
+    path: Path
+    namespace: str
+    rank: int
+    key: str
+    size: int
+    mtime: float
+
+
+def records(root: Path):
+    for ns in sorted(root.iterdir()) if root.is_dir() else ():
+        if len(ns.name) != 32 or not ns.is_dir():
+            continue
+        for rank_dir in sorted(ns.glob("rank*")):
+            try:
+                rank = int(rank_dir.name[4:])
+            except ValueError:
+                continue
+            for sub in rank_dir.iterdir():
+                if len(sub.name) != 2 or not sub.is_dir():
+                    continue
+                for f in sub.iterdir():
+                    if len(f.name) == 32:
+                        st = f.stat()
+                        yield Record(f, ns.name, rank, f.name, st.st_size, st.st_mtime)
+
+
+def temp_files(root: Path):
+    return [f for f in root.glob("*/rank*/tmp/*") if f.is_file()]
+
+
+def cmd_stats(root: Path, as_json: bool) -> int:
+    now = time.time()
+    per = defaultdict(lambda: {"records": 0, "bytes": 0, "ages": Counter()})
+    for r in records(root):
+        s = per[(r.namespace, r.rank)]
+        s["records"] += 1
+        s["bytes"] += r.size
+        age = now - r.mtime
+        s["ages"][next(label for limit, label in AGE_BUCKETS if age < limit)] += 1
+    rows = [{"namespace": ns, "rank": rank, "records": s["records"], "bytes": s["bytes"],
+             "age_histogram": {label: s["ages"].get(label, 0) for _, label in AGE_BUCKETS}}
+            for (ns, rank), s in sorted(per.items())]
+    total = {"records": sum(r["records"] for r in rows), "bytes": sum(r["bytes"] for r in rows),
+             "temp_files": len(temp_files(root))}
+    if as_json:
+        print(json.dumps({"path": str(root), "total": total, "namespaces": rows}))
+        return 0
+    print(f"{root}: {total['records']} records, {total['bytes'] / 2**30:.3f} GiB, "
+          f"{total['temp_files']} temp files")
+    for r in rows:
+        ages = " ".join(f"{k}:{v}" for k, v in r["age_histogram"].items())
+        print(f"  {r['namespace']} rank{r['rank']}: {r['records']} records, "
+              f"{r['bytes'] / 2**20:.1f} MiB, last use {ages}")
+    return 0
+
+
+def check_file(r: Record) -> str | None:
+    """None if the record is valid, else the reason it is not."""
+    import xxhash
+    try:
+        data = r.path.read_bytes()
+        h = parse_header(data)
+        if h.namespace.hex() != r.namespace or h.rank != r.rank:
+            return "wrong_namespace"
+        if h.key.hex() != r.key:
+            return "wrong_key"
+        if len(data) < HEADER_BYTES + h.payload_len:
+            return "truncated"
+        if xxhash.xxh3_64_intdigest(data[HEADER_BYTES:HEADER_BYTES + h.payload_len]) \
+                != h.checksum:
+            return "checksum"
+    except RecordError as e:
+        return e.reason
+    except OSError:
+        return "io_error"
+    return None
+
+
+def cmd_verify(root: Path, delete: bool, as_json: bool) -> int:
+    bad: dict[str, list[str]] = defaultdict(list)
+    n = 0
+    for r in records(root):
+        n += 1
+        reason = check_file(r)
+        if reason is not None:
+            bad[reason].append(str(r.path))
+            if delete:
+                r.path.unlink(missing_ok=True)
+    nbad = sum(len(v) for v in bad.values())
+    if as_json:
+        print(json.dumps({"records": n, "bad": nbad, "by_reason": {k: len(v) for k, v in
+                                                                    bad.items()}}))
+    else:
+        print(f"{root}: {n} records checked, {nbad} bad"
+              + (" (deleted)" if delete and nbad else ""))
+        for reason, paths in bad.items():
+            print(f"  {reason}: {len(paths)}  e.g. {paths[0]}")
+    return 1 if nbad and not delete else 0
+
+
+def cmd_gc(root: Path, ttl: float, max_bytes: float, dry_run: bool, as_json: bool) -> int:
+    now = time.time()
+    removed = {"temp": 0, "expired": 0, "over_budget": 0}
+    freed = 0
+    for f in temp_files(root):
+        if now - f.stat().st_mtime > 600:
+            removed["temp"] += 1
+            if not dry_run:
+                f.unlink(missing_ok=True)
+    blocks: dict[tuple[str, str], list[Record]] = defaultdict(list)
+    for r in records(root):
+        blocks[(r.namespace, r.key)].append(r)
+
+    def drop(group, cause):
+        nonlocal freed
+        removed[cause] += 1
+        freed += sum(r.size for r in group)
+        if not dry_run:
+            for r in group:
+                r.path.unlink(missing_ok=True)
+
+    live = []
+    for group in blocks.values():
+        last_use = max(r.mtime for r in group)
+        if now - last_use >= ttl:
+            drop(group, "expired")
+        else:
+            live.append((last_use, group))
+    total = sum(r.size for _, g in live for r in g)
+    for _, group in sorted(live, key=lambda x: x[0]):
+        if total <= max_bytes:
+            break
+        total -= sum(r.size for r in group)
+        drop(group, "over_budget")
+    out = {"removed_blocks": removed, "freed_bytes": freed, "bytes_left": total,
+           "dry_run": dry_run}
+    print(json.dumps(out) if as_json else
+          f"{root}: removed {removed} ({freed / 2**20:.1f} MiB), {total / 2**20:.1f} MiB left"
+          + (" [dry run]" if dry_run else ""))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="kvtier store", description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=("stats", "verify", "gc"))
+    p.add_argument("path", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--delete", action="store_true", help="verify: remove bad records")
+    p.add_argument("--ttl-seconds", type=float, default=float("inf"), help="gc: expiry")
+    p.add_argument("--max-bytes", default=None, help="gc: budget, e.g. 2TiB")
+    p.add_argument("--dry-run", action="store_true", help="gc: only report")
+    a = p.parse_args(argv)
+    if not a.path.is_dir():
+        print(f"kvtier store: {a.path} is not a directory", file=sys.stderr)
+        return 2
+    if a.action == "stats":
+        return cmd_stats(a.path, a.json)
+    if a.action == "verify":
+        return cmd_verify(a.path, a.delete, a.json)
+    try:
+        budget = float("inf") if a.max_bytes is None else parse_size("--max-bytes", a.max_bytes)
+    except ConfigError as e:
+        print(f"kvtier store: {e}", file=sys.stderr)
+        return 2
+    return cmd_gc(a.path, a.ttl_seconds, budget, a.dry_run, a.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,68 @@
+"""Shared helpers of the end-to-end tests: prompts, a kvtier server, store files."""
+
+import random
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from kvtier.serving import Server, cpu_defaults
+
+BLOCK = 32
+PROMPT_TOKENS = 750
+FULL_BLOCK_TOKENS = (PROMPT_TOKENS - 1) // BLOCK * BLOCK   # the last token is recomputed
+BLOCKS_PER_PROMPT = FULL_BLOCK_TOKENS // BLOCK
+RECORD_BYTES = 4096 + 2 * 32 * 2 * 128 * 2   # header + 2 layers x 32 tok x 2 heads x (K+V) bf16
+GPU_BLOCKS = 56                               # room for ~2 prompts
+
+
+def prompts(n=6, length=PROMPT_TOKENS, seed=1):
+    rng = random.Random(seed)
+    return [[rng.randrange(0, 256) for _ in range(length)] for _ in range(n)]
+
+
+def server(model_dir, store: Path, log: Path, env=None, **extra) -> Server:
+    cfg = {"dram_bytes": 80 * RECORD_BYTES, "disk_path": str(store), "disk_bytes": "1GiB"}
+    cfg.update(extra)
+    args = cpu_defaults(1024) + ["--num-gpu-blocks-override", str(GPU_BLOCKS),
+                                 "--enable-prompt-tokens-details", "--seed", "0"]
+    return Server(model_dir, cfg, args, log_path=str(log), env=env)
+
+
+def cached(resp: dict) -> int:
+    return (resp["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+
+
+def text(resp: dict) -> str:
+    return resp["choices"][0]["text"]
+
+
+def records(store: Path) -> set[Path]:
+    return {p for p in store.rglob("*") if p.is_file() and p.parent.name != "tmp"
+            and len(p.name) == 32}
+
+
+def wait_records(store: Path, n: int, timeout: float = 60) -> set[Path]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = records(store)
+        if len(got) >= n:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"{len(records(store))} records on disk, expected {n}")
+
+
+@contextmanager
+def tmpfs(path: Path, size: str):
+    """A size-limited tmpfs at ``path`` (real ENOSPC / EROFS); skips if not permitted."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                        str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}): needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

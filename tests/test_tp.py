@@ -1,0 +1,33 @@
+"""Tensor parallelism (TP=2 on vLLM's CPU build): each rank stores and loads its
+own shard under its own records; one decision for all ranks; a load failure on
+one rank only ends in a recompute of that block on all ranks."""
+
+import pytest
+
+from tests.conftest import needs_vllm
+from tests.helpers import FULL_BLOCK_TOKENS, RECORD_BYTES
+from tests.test_e2e_connector import run_rounds
+
+pytestmark = [pytest.mark.e2e, needs_vllm]
+
+
+def test_tp2_spill_reload_and_one_rank_failure(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    store = tmp_path / "store"
+    # Per-rank records are half the TP=1 size; 60 of them hold < 3 of the 6 prompts,
+    # so round 2 reads the disk, where rank 1's copy of one block is corrupted.
+    half = 4096 + (RECORD_BYTES - 4096) // 2
+    res = run_rounds(model_dir, tmp_path / "out.json", {
+        "tp": 2, "extra": {"dram_bytes": 60 * half, "disk_path": str(store)},
+        "corrupt": {"rank": 1, "prompt": 0, "block": 10}})
+    first = {r["prompt"]: r for r in res if r["round"] == 0}
+    second = {r["prompt"]: r for r in res if r["round"] == 1}
+    for i, r in second.items():
+        assert r["output"] == first[i]["output"]
+        assert max(abs(a - b) for a, b in zip(r["logprobs"], first[i]["logprobs"])) <= 1e-3
+    # Prompt 0 reloads its first 10 blocks only; the others in full.
+    assert 10 * 32 <= second[0]["cached"] < 11 * 32
+    for i in range(1, 6):
+        assert second[i]["cached"] >= 0.95 * FULL_BLOCK_TOKENS
+    for rank in (0, 1):
+        assert any(store.glob(f"*/rank{rank}/??/*"))
