@@ -106,6 +106,15 @@ class KVTierPromMetrics(KVConnectorPromMetrics):
                                         buckets=LOAD_BUCKETS)
             self._metrics[name] = (m, extra)
         self._last: dict[tuple[int, str, str], float] = {}
+        # Series exist from the start at 0, so rate()/increase() see the first event.
+        known = {(): [""], ("tier",): ["tier=dram", "tier=disk"],
+                 ("tier", "cause"): [f"cause={c},tier={t}" for t in ("dram", "disk")
+                                     for c in ("capacity", "ttl", "dropped")]}
+        for engine_idx in per_engine_labelvalues:
+            for name, (kind, _, extra) in METRICS.items():
+                if kind == "counter":
+                    for lkey in known.get(extra, ()):
+                        self._child(name, engine_idx, lkey).inc(0)
 
     def _child(self, name: str, engine_idx: int, lkey: str):
         m, extra = self._metrics[name]

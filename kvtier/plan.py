@@ -494,8 +494,9 @@ def replay(trace: Trace, tiers: Sequence[TierSpec], *, sample_interval_s: float 
       counts for the fastest tier holding it; the other blocks are prefilled;
     - completion at ``end``: every block of the request is used: ``Tier.add(key, size,
       end)`` in every tier (refreshes last use and LRU position, or inserts after
-      evicting expired then LRU entries), blocks in prompt order (as kvtier's scheduler
-      stores them). Tiers are thus inclusive (write-through).
+      evicting expired then LRU entries), last block first, as kvtier's scheduler
+      refreshes a finished request (the prefix's first block is evicted last). Tiers are
+      thus inclusive (write-through).
     """
     if not tiers:
         raise PlanError("replay needs at least one tier")
@@ -531,10 +532,11 @@ def replay(trace: Trace, tiers: Sequence[TierSpec], *, sample_interval_s: float 
         next_sample = arrival[0]
 
     def complete(t_end: float, keys: list[int], lt: int) -> None:
+        keys = keys[::-1]
         sizes = None
         if lt != bt and keys:
             sizes = [bt] * len(keys)
-            sizes[-1] = lt
+            sizes[0] = lt
         for j, add in enumerate(adds):
             consume(map(add, keys, repeat(bt) if sizes is None else sizes, repeat(t_end)))
             u = objs[j].used
@@ -766,7 +768,7 @@ class Sizing:
 
 
 def size_for(trace: Trace, ttl: float, targets: Sequence[float] = (0.95,), *, jobs: int = 1,
-             rel_tol: float = 0.02, grid_points: int = 7, progress: bool = False,
+             rel_tol: float = 0.02, grid_points: int = 5, progress: bool = False,
              unbounded: ReplayResult | None = None,
              on_result: Callable[[int, ReplayResult], None] | None = None) -> Sizing:
     """Smallest capacity (tokens) of one LRU-within-TTL tier whose hit rate reaches
@@ -774,7 +776,7 @@ def size_for(trace: Trace, ttl: float, targets: Sequence[float] = (0.95,), *, jo
     ``targets``, to within ``rel_tol``. Assumes hit rate grows with capacity (LRU).
 
     The unbounded replay's peak working set P is enough for everything (a tier of P
-    tokens never evicts for capacity); a log grid P/1000..P brackets each answer, then
+    tokens never evicts for capacity); a log grid P/100..P brackets each answer, then
     geometric bisection narrows it. An answer is the smallest probed capacity that
     reaches its goal. ``unbounded``: a one-tier unbounded replay at ``ttl`` already made."""
     for f in targets:
@@ -797,7 +799,7 @@ def size_for(trace: Trace, ttl: float, targets: Sequence[float] = (0.95,), *, jo
             probes.update(zip(todo, (r.hit_rate for r in res)))
 
     if P > 0:
-        run(float(round(P * 10 ** e)) for e in np.linspace(-3, 0, grid_points)[:-1])
+        run(float(round(P * 10 ** e)) for e in np.linspace(-2, 0, grid_points)[:-1])
     answers: dict[float, float] = {}
     brackets: dict[float, tuple[float, float]] = {}
     for f in targets:
@@ -811,10 +813,8 @@ def size_for(trace: Trace, ttl: float, targets: Sequence[float] = (0.95,), *, jo
         for f, (lo, hi) in brackets.items():
             if lo > 0 and hi / lo > 1 + rel_tol:
                 mids[f] = float(round(math.sqrt(lo * hi)))
-            elif lo == 0 and hi > 1:
+            elif lo == 0 and hi >= 2:
                 mids[f] = float(round(hi / 2))   # below the grid: halve (rare)
-                if hi / 2 < 1 or (mids[f] in probes and probes[mids[f]] < f * H):
-                    mids.pop(f)
         mids = {f: m for f, m in mids.items() if brackets[f][0] < m < brackets[f][1]}
         if not mids:
             break
@@ -1214,8 +1214,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``kvtier plan``; returns the exit status."""
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    """``kvtier plan``; returns the exit status (argparse's own: 0 for --help, 2 for bad
+    usage; 2 for unreadable traces or inconsistent options)."""
+    try:
+        args = build_parser().parse_args(list(argv) if argv is not None else None)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
     say = (lambda *a: None) if args.quiet else (   # noqa: E731
         lambda *a: print("[kvtier plan]", *a, file=sys.stderr, flush=True))
     try:
@@ -1259,7 +1263,10 @@ def _main(args: argparse.Namespace, say: Callable[..., None]) -> int:
         raise PlanError("the trace has no requests")
     sample = args.sample_interval or max(trace.span_s / 400, 1.0)
 
+    n_replays = [0]
+
     def done(i: int, r: ReplayResult) -> None:
+        n_replays[0] += 1
         say(f"{_label(r.tiers)}: hit rate {r.hit_rate:.3f}, prefills/block "
             f"{r.prefills_per_block:.2f} ({r.replay_s:.1f} s, {r.cpu_s:.1f} s CPU)")
 
@@ -1285,7 +1292,8 @@ def _main(args: argparse.Namespace, say: Callable[..., None]) -> int:
         if args.dram_target:
             d, n = sz.capacity_tokens[args.dram_target], sz.capacity_tokens[args.target]
             sz.check = replay(trace, [TierSpec("dram", d, st), TierSpec("nvme", max(n, d), st)])
-        say(f"sizing: {len(sz.curve)} replays in {time.perf_counter() - t2:.1f} s")
+        say(f"sizing: {n_replays[0] - len(configs) + bool(args.dram_target)} replays in "
+            f"{time.perf_counter() - t2:.1f} s")
         rows += size_rows(sz, kv, {f: ("dram" if f == args.dram_target and args.dram_target
                                        else "nvme" if args.dram_target else "cache")
                                    for f in targets})

@@ -468,7 +468,14 @@ class KVTierScheduler:
         with self._lock:
             self._unpin_hits(self._pending_hits.pop(request.request_id, None))
             st = self._reqs.pop(request.request_id, None)
-            return bool(st and st.had_stores)
+            if st is None:
+                return False
+            # A use ends at completion. Refresh the last block first so that the
+            # prefix's first block, the one every continuation needs, leaves last.
+            now = self.clock()
+            for key in reversed(st.chain.keys[:st.handled_blocks]):
+                self._touch(key, now)
+            return st.had_stores
 
     # ------------------------------------------------------------- reporting
     def take_stats(self):

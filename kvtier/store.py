@@ -20,18 +20,31 @@ with identical bytes.
 
 Directories are 0700 and files 0600. Keys are fixed-size digests rendered as
 hex, so no key can become a path traversal.
+
+I/O: through the native engine (``kvtier._copy_engine.IoEngine``, csrc/io_*)
+when the extension has it, else in Python; same files, same checks. The
+native engine does a record's whole open/write/fsync/rename (or open/read)
+with the GIL released, and takes batches (``write_batch``/``read_batch``: a
+store or load job at once, spread over its threads or io_uring). The
+``KVTIER_NATIVE_IO`` environment variable (or ``DiskStore(native_io=...)``)
+picks: ``auto`` (default), ``threads``, ``io_uring``, ``off`` (Python).
 """
 
 from __future__ import annotations
 
 import errno
+import gc
 import logging
+import mmap
 import os
+import stat
 import struct
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import xxhash
@@ -40,6 +53,19 @@ from kvtier.copy import PAGE, round_up
 from kvtier.keys import FORMAT_VERSION, KEY_BYTES
 
 log = logging.getLogger("vllm.kvtier.store")
+
+try:
+    from kvtier import _copy_engine as _native
+    _IoEngine = _native.IoEngine
+    _scan_records = _native.scan_records
+except (ImportError, AttributeError):   # not built, or built before csrc/io_engine.cpp
+    _native = _IoEngine = _scan_records = None
+
+NATIVE_IO_MODES = ("auto", "threads", "io_uring", "off")
+_FORKED_ENGINES: list = []   # engines inherited through fork(): kept, never joined
+# The native engine's default backend. "threads" measured as fast as io_uring
+# for 2-16 MiB records (docs/benchmarks.md, Store) and is the simpler one.
+DEFAULT_NATIVE_BACKEND = "threads"
 
 MAGIC = b"KVTIERB\x00"
 HEADER_BYTES = PAGE
@@ -105,8 +131,12 @@ def parse_header(buf) -> Header:
 
 
 def check_record(buf, namespace: bytes, key: bytes, rank: int, tp_size: int,
-                 payload_len: int, file_size: int) -> None:
-    """Raise RecordError unless ``buf`` holds a valid record of exactly this block."""
+                 payload_len: int, file_size: int, payload_digest: int | None = None) -> None:
+    """Raise RecordError unless ``buf`` holds a valid record of exactly this block.
+
+    ``payload_digest``: the xxh3-64 of ``buf``'s payload bytes when the caller has
+    it already (the native reader hashes on its I/O threads); else computed here.
+    """
     if file_size < HEADER_BYTES + payload_len:
         raise RecordError("truncated", f"{file_size} bytes < {HEADER_BYTES + payload_len}")
     h = parse_header(buf)
@@ -118,16 +148,24 @@ def check_record(buf, namespace: bytes, key: bytes, rank: int, tp_size: int,
     if h.payload_len != payload_len:
         raise RecordError("bad_header", f"payload length {h.payload_len} != {payload_len}")
     checksum = h.checksum
-    payload = buf[HEADER_BYTES:HEADER_BYTES + payload_len]
-    if xxhash.xxh3_64_intdigest(payload) != checksum:
+    if payload_digest is None:
+        payload_digest = xxhash.xxh3_64_intdigest(buf[HEADER_BYTES:HEADER_BYTES + payload_len])
+    if payload_digest != checksum:
         raise RecordError("checksum", "payload checksum mismatch")
 
 
 class DiskStore:
-    """Files of one namespace and one rank. Thread-safe (no shared state)."""
+    """Files of one namespace and one rank. Thread-safe (no shared state).
+
+    ``io_threads``: threads of a batch (``write_batch``/``read_batch``);
+    ``native_io``: ``auto`` | ``threads`` | ``io_uring`` | ``off`` (default: the
+    ``KVTIER_NATIVE_IO`` environment variable, else ``auto``). ``io_backend``
+    says what is used: ``"threads"``, ``"io_uring"`` or ``"python"``.
+    """
 
     def __init__(self, root: str | os.PathLike, namespace: bytes, rank: int, tp_size: int,
-                 o_direct: str = "auto", fsync: bool = False):
+                 o_direct: str = "auto", fsync: bool = False, io_threads: int = 4,
+                 native_io: str | None = None):
         if len(namespace) != KEY_BYTES:
             raise ValueError("namespace digest must be 16 bytes")
         self.root = Path(root)
@@ -135,11 +173,58 @@ class DiskStore:
         self.rank = rank
         self.tp_size = tp_size
         self.fsync = fsync
+        self.io_threads = max(1, int(io_threads))
         self.dir = self.root / namespace.hex() / f"rank{rank}"
         self.tmp = self.dir / "tmp"
         for d in (self.root, self.root / namespace.hex(), self.dir, self.tmp):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.o_direct = self._probe_o_direct(o_direct)
+        self.io_backend = self._pick_backend(native_io)
+        self._engine = None   # (IoEngine, pid), made on first use (the scheduler's stores do no I/O)
+        self._engine_lock = threading.Lock()
+        self._py_pool: ThreadPoolExecutor | None = None
+
+    @staticmethod
+    def _pick_backend(mode: str | None) -> str:
+        """"threads" / "io_uring" (native engine) or "python", from ``native_io``."""
+        mode = (mode or os.environ.get("KVTIER_NATIVE_IO") or "auto").strip().lower()
+        if mode in ("0", "false", "no", "python"):
+            mode = "off"
+        if mode not in NATIVE_IO_MODES:
+            raise ValueError(f"kvtier: native I/O mode {mode!r}: expected one of {NATIVE_IO_MODES}")
+        if mode == "off":
+            return "python"
+        if _IoEngine is None:
+            if mode != "auto":
+                raise RuntimeError(f"kvtier: native I/O {mode!r} asked for, but the "
+                                   "kvtier._copy_engine extension has no IoEngine")
+            return "python"
+        backend = DEFAULT_NATIVE_BACKEND if mode == "auto" else mode
+        if backend == "io_uring" and not _native.io_uring_available:
+            if mode == "io_uring":
+                raise RuntimeError("kvtier: io_uring I/O asked for but unavailable: "
+                                   + _native.io_uring_unavailable_reason)
+            backend = "threads"
+        return backend
+
+    @property
+    def _io(self):
+        """The native engine (None: Python I/O); one per process (after a fork the
+        parent's engine, whose threads stayed behind, is set aside, never destroyed)."""
+        if self.io_backend == "python":
+            return None
+        engine = self._engine
+        if engine is None or engine[1] != os.getpid():
+            with self._engine_lock:
+                engine = self._engine
+                if engine is not None and engine[1] != os.getpid():
+                    _FORKED_ENGINES.append(engine[0])
+                    engine = None
+                if engine is None:
+                    engine = (_IoEngine(self.io_threads, self.io_backend, self.io_threads),
+                              os.getpid())
+                    self._engine = engine
+        return engine[0]
 
     # -- paths ---------------------------------------------------------------
     def path(self, key: bytes) -> Path:
@@ -149,12 +234,17 @@ class DiskStore:
         return self.dir / h[:2] / h
 
     def _probe_o_direct(self, mode: str) -> bool:
+        """Whether O_DIRECT works here: open and write one aligned page with it."""
         if mode == "off" or not hasattr(os, "O_DIRECT"):
             return False
-        probe = self.tmp / f".probe-{os.getpid()}"
+        probe = self.tmp / f".probe-{os.getpid()}-{time.monotonic_ns()}"
+        page = mmap.mmap(-1, PAGE)   # page-aligned
         try:
             fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600)
-            os.close(fd)
+            try:
+                os.pwrite(fd, page, 0)
+            finally:
+                os.close(fd)
             return True
         except OSError as e:
             if mode == "on":
@@ -163,7 +253,23 @@ class DiskStore:
                         self.root, e.strerror)
             return False
         finally:
+            page.close()
             probe.unlink(missing_ok=True)
+
+    def _tmp_path(self, key: bytes) -> Path:
+        return self.tmp / f"{key.hex()}.{os.getpid()}.{time.monotonic_ns()}"
+
+    def _direct_ok(self, addr: int, nbytes: int) -> bool:
+        """O_DIRECT for this buffer: on, and address and length page-aligned."""
+        return self.o_direct and addr % PAGE == 0 and nbytes % PAGE == 0
+
+    def _py_map(self, fn, items):
+        """Python fallback of a batch: the items over ``io_threads`` threads."""
+        if len(items) <= 1 or self.io_threads == 1:
+            return [fn(*it) for it in items]
+        if self._py_pool is None:
+            self._py_pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="kvtier-store")
+        return list(self._py_pool.map(lambda it: fn(*it), items))
 
     # -- write ---------------------------------------------------------------
     def write(self, key: bytes, record) -> int:
@@ -171,12 +277,45 @@ class DiskStore:
 
         Raises OSError (ENOSPC, EIO, EROFS...) leaving nothing behind.
         """
+        (r,) = self.write_batch([(key, record)])
+        if isinstance(r, BaseException):
+            raise r
+        return r
+
+    def write_batch(self, items: Sequence[tuple[bytes, object]]) -> list:
+        """Publish several records at once: ``[(key, record)]`` -> per item the bytes
+        written, or the OSError that left nothing of that record behind."""
+        if self._io is None:
+            return self._py_map(self._write_py_safe, items)
+        reqs, keep, tmps = [], [], []
+        for key, record in items:
+            buf = _bytes_view(record, writable=False)
+            keep.append(buf)
+            addr = buf.ctypes.data
+            tmp = self._tmp_path(key)
+            tmps.append(tmp)
+            reqs.append((str(tmp), str(self.path(key)), addr, buf.nbytes,
+                         self._direct_ok(addr, buf.nbytes)))
+        errs = self._io.write_records(reqs, self.fsync)
+        return [buf.nbytes if e == 0 else OSError(e, os.strerror(e), str(tmp))
+                for e, buf, tmp in zip(errs, keep, tmps)]
+
+    def _write_py_safe(self, key: bytes, record):
+        try:
+            return self._write_py(key, record)
+        except OSError as e:
+            return e
+
+    def _write_py(self, key: bytes, record) -> int:
         final = self.path(key)
-        tmp = self.tmp / f"{key.hex()}.{os.getpid()}.{time.monotonic_ns()}"
-        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | (os.O_DIRECT if self.o_direct else 0)
+        tmp = self._tmp_path(key)
+        view = memoryview(record).cast("B")
+        addr = _bytes_view(record, writable=False).ctypes.data
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
+        if self._direct_ok(addr, len(view)):
+            flags |= os.O_DIRECT
         fd = os.open(tmp, flags, 0o600)
         try:
-            view = memoryview(record)
             done = 0
             while done < len(view):
                 done += os.pwrite(fd, view[done:], done)
@@ -196,7 +335,7 @@ class DiskStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return len(record)
+        return len(view)
 
     # -- read ----------------------------------------------------------------
     def read(self, key: bytes, into, payload_len: int) -> None:
@@ -204,8 +343,61 @@ class DiskStore:
 
         Raises RecordError (reason "missing" when there is no record) or OSError.
         """
+        (r,) = self.read_batch([(key, into, payload_len)])
+        if r is not None:
+            raise r
+
+    def read_batch(self, items: Sequence[tuple[bytes, object, int]]) -> list:
+        """Read and validate several records: ``[(key, into, payload_len)]`` -> per
+        item None (valid, in ``into``), a RecordError or an OSError. The items' buffers
+        must not overlap (they are filled concurrently)."""
+        if self._io is None:
+            return self._py_map(self._read_py_safe, items)
+        reqs, keep, native = [], [], []
+        for key, into, payload_len in items:
+            want = record_bytes(payload_len)
+            buf = _bytes_view(into, writable=True)
+            if buf.nbytes < want:   # (a hostile length): the Python path's checks, no overrun
+                native.append(False)
+                continue
+            native.append(True)
+            keep.append(buf)
+            addr = buf.ctypes.data
+            reqs.append((str(self.path(key)), addr, want, self._direct_ok(addr, want),
+                         HEADER_BYTES, payload_len))
+        results = iter(zip(reqs, self._io.read_records(reqs)))
+        out = []
+        for (key, into, payload_len), nat in zip(items, native):
+            if not nat:
+                out.append(self._read_py_safe(key, into, payload_len))
+                continue
+            req, (err, got, size, digest) = next(results)
+            want = req[2]
+            try:
+                if err == errno.ENOENT:
+                    raise RecordError("missing", self.path(key).name)
+                if err:
+                    raise OSError(err, os.strerror(err), req[0])
+                if size < want:
+                    raise RecordError("truncated", f"{size} bytes < {want}")
+                check_record(into, self.namespace, key, self.rank, self.tp_size, payload_len, got,
+                             payload_digest=digest)
+                out.append(None)
+            except (RecordError, OSError) as e:
+                out.append(e)
+        return out
+
+    def _read_py_safe(self, key: bytes, into, payload_len: int):
+        try:
+            self._read_py(key, into, payload_len)
+            return None
+        except (RecordError, OSError) as e:
+            return e
+
+    def _read_py(self, key: bytes, into, payload_len: int) -> None:
         want = record_bytes(payload_len)
-        flags = os.O_RDONLY | (os.O_DIRECT if self.o_direct else 0)
+        addr = _bytes_view(into, writable=True).ctypes.data
+        flags = os.O_RDONLY | (os.O_DIRECT if self._direct_ok(addr, want) else 0)
         try:
             fd = os.open(self.path(key), flags)
         except FileNotFoundError:
@@ -214,7 +406,7 @@ class DiskStore:
             size = os.fstat(fd).st_size
             if size < want:
                 raise RecordError("truncated", f"{size} bytes < {want}")
-            view = memoryview(into)[:want]
+            view = memoryview(into).cast("B")[:want]
             got = 0
             while got < want:
                 n = os.preadv(fd, [view[got:]], got)
@@ -243,24 +435,58 @@ class DiskStore:
 
     # -- recovery ------------------------------------------------------------
     def scan(self) -> Iterator[RecordInfo]:
-        """Published records of this rank (no content read: validated on load)."""
+        """Published records of this rank (no content read: validated on load): regular
+        files at ``path(key)`` for some key (lowercase hex, in their own shard)."""
+        keys, sizes, mtimes = self._scan_lists()
+        # One object per record, none of them in a reference cycle: with the
+        # cyclic GC paused while they are made, a 100k-record scan does not
+        # set off full collections over the host process's (vLLM's) heap.
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            rank = self.rank
+            infos = [RecordInfo(k, rank, s, m) for k, s, m in zip(keys, sizes, mtimes)]
+        finally:
+            if paused:
+                gc.enable()
+        yield from infos
+
+    def scan_mtimes(self) -> dict[bytes, float]:
+        """``{key: mtime}`` of ``scan()``'s records, without a RecordInfo per record:
+        the restart index rebuild of a large store (100k records) in one call."""
+        keys, _, mtimes = self._scan_lists()
+        return dict(zip(keys, mtimes))
+
+    def _scan_lists(self) -> tuple[list[bytes], list[int], list[float]]:
+        if self.io_backend != "python":
+            err, blob, sizes, mtimes = _scan_records(str(self.dir), KEY_BYTES, self.io_threads)
+            if err and err != errno.ENOENT:
+                raise OSError(err, os.strerror(err), str(self.dir))
+            keys = [blob[i:i + KEY_BYTES] for i in range(0, len(blob), KEY_BYTES)]
+            return keys, sizes, mtimes
+        keys, sizes, mtimes = [], [], []
         try:
             subdirs = list(os.scandir(self.dir))
         except FileNotFoundError:
-            return
+            return keys, sizes, mtimes
         for sub in subdirs:
             if len(sub.name) != 2 or not sub.is_dir(follow_symlinks=False):
                 continue
             for f in os.scandir(sub.path):
                 name = f.name
-                if len(name) != 2 * KEY_BYTES:
+                if len(name) != 2 * KEY_BYTES or name[:2] != sub.name or name != name.lower():
                     continue
                 try:
                     key = bytes.fromhex(name)
                     st = f.stat(follow_symlinks=False)
                 except (ValueError, OSError):
                     continue
-                yield RecordInfo(key, self.rank, st.st_size, st.st_mtime)
+                if len(key) != KEY_BYTES or not stat.S_ISREG(st.st_mode):
+                    continue
+                keys.append(key)
+                sizes.append(st.st_size)
+                mtimes.append(st.st_mtime)
+        return keys, sizes, mtimes
 
     def sweep_temp(self, older_than: float = 600.0) -> int:
         """Remove temp files left by crashed writers (live writers' are younger)."""
@@ -274,6 +500,21 @@ class DiskStore:
             except OSError:
                 pass
         return n
+
+
+def _bytes_view(obj, writable: bool) -> np.ndarray:
+    """``obj``'s bytes as a flat uint8 array sharing its memory (for its address)."""
+    if isinstance(obj, np.ndarray) and obj.dtype == np.uint8 and obj.ndim == 1 \
+            and obj.flags.c_contiguous:
+        a = obj
+    else:
+        m = memoryview(obj)
+        if not m.c_contiguous:
+            raise ValueError("record buffers must be contiguous")
+        a = np.frombuffer(m.cast("B") if m.format != "B" or m.ndim != 1 else m, dtype=np.uint8)
+    if writable and not a.flags.writeable:
+        raise ValueError("read buffer is read-only")
+    return a
 
 
 def is_space_error(e: OSError) -> bool:

@@ -182,10 +182,10 @@ class KVTierWorker:
                 self._out.stored[job.job_id] = self._out.stored.get(job.job_id, 0) + 1
             else:
                 self._count(self._out.store_failed, job.job_id)
+                self._count(self._out.fail_reasons, "gather", len(job.items))
                 for it in job.items:   # the scheduler waits for every rank's write result
                     if it.to_disk:
                         self._count(self._out.write_failed, it.key)
-                self._out.fail_reasons["gather"] = self._out.fail_reasons.get("gather", 0) + 1
             self._gathers_idle.notify_all()
         if ok and self.store is not None:
             for it in job.items:
@@ -229,6 +229,9 @@ class KVTierWorker:
         t0 = time.perf_counter()
         reads = [it for it in job.items if it.from_disk and it.slot != NO_SLOT]
         failed: set[int] = {i for i, it in enumerate(job.items) if it.slot == NO_SLOT}
+        if failed:
+            with self._lock:
+                self._count(self._out.fail_reasons, "no_staging_slot", len(failed))
         if not reads or self.store is None:
             failed |= {i for i, it in enumerate(job.items) if it.from_disk}
             self._copy_q.put(lambda: self._finish_load(job, failed))
@@ -272,6 +275,8 @@ class KVTierWorker:
             self.engine.scatter([it.slot for it in good], [it.block for it in good])
         except Exception:
             log.exception("kvtier: scatter failed; recomputing %d blocks", len(good))
+            with self._lock:
+                self._count(self._out.fail_reasons, "scatter", len(good))
             failed = set(range(len(job.items)))
             good = []
         secs = time.perf_counter() - t0
@@ -285,6 +290,6 @@ class KVTierWorker:
             self._finished_loads.add(job.req_id)
 
     @staticmethod
-    def _count(d: dict, k) -> None:
-        d[k] = d.get(k, 0) + 1
+    def _count(d: dict, k, n: int = 1) -> None:
+        d[k] = d.get(k, 0) + n
 
