@@ -9,6 +9,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "cpu_copy.h"
+#include "io_bindings.h"
 #ifdef KVTIER_WITH_CUDA
 #include "cuda_copy.h"
 #endif
@@ -97,4 +98,6 @@ NB_MODULE(_copy_engine, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+
+  bind_io(m);  // IoEngine: the disk store's native record I/O (io_engine.h)
 }

@@ -155,7 +155,7 @@ def check_record(buf, namespace: bytes, key: bytes, rank: int, tp_size: int,
 
 
 class DiskStore:
-    """Files of one namespace and one rank. Thread-safe (no shared state).
+    """Files of one namespace and one rank. Thread-safe.
 
     ``io_threads``: threads of a batch (``write_batch``/``read_batch``);
     ``native_io``: ``auto`` | ``threads`` | ``io_uring`` | ``off`` (default: the
@@ -267,8 +267,10 @@ class DiskStore:
         """Python fallback of a batch: the items over ``io_threads`` threads."""
         if len(items) <= 1 or self.io_threads == 1:
             return [fn(*it) for it in items]
-        if self._py_pool is None:
-            self._py_pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="kvtier-store")
+        with self._engine_lock:
+            if self._py_pool is None:
+                self._py_pool = ThreadPoolExecutor(self.io_threads,
+                                                   thread_name_prefix="kvtier-store")
         return list(self._py_pool.map(lambda it: fn(*it), items))
 
     # -- write ---------------------------------------------------------------

@@ -128,7 +128,9 @@ def test_temp_sweep_leaves_young_files(store):
     assert young.exists() and not old.exists()
 
 
-def test_write_failure_leaves_nothing(store, pool, monkeypatch):
+def test_write_failure_leaves_nothing(tmp_path, pool, monkeypatch):
+    """The Python I/O path (the native one meets a real ENOSPC in test_store_io)."""
+    store = DiskStore(tmp_path / "py", NS, rank=0, tp_size=1, native_io="off")
     rec = make_record(key(9), pool)
 
     def enospc(*a):

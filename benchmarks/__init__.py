@@ -1,0 +1,2 @@
+"""kvtier benchmarks: load generator (``benchmarks.loadgen``) and the side-by-side
+comparison (``benchmarks.compare``)."""

@@ -1,0 +1,148 @@
+// Native disk I/O for kvtier's store (kvtier/store.py): whole records between
+// host buffers (the DRAM slots: raw, page-aligned addresses) and files, in
+// batches, with the GIL released by the bindings.
+//
+// A write publishes a record atomically exactly as store.py does: open
+// `tmp` (O_CREAT|O_EXCL|O_WRONLY, 0600, O_DIRECT when asked), write all
+// bytes, fsync when asked, close, rename onto `final` (creating final's
+// parent directory, 0700, when the rename says ENOENT, then renaming once
+// more); on any failure after the open the temp file is unlinked. A read
+// opens `path` (O_RDONLY, O_DIRECT when asked), takes its size, and reads
+// `len` bytes from offset 0 unless the file is shorter than that.
+//
+// Results are per item: 0 or an errno; nothing throws for an I/O error.
+//
+// Backends, same results:
+//  - threads: a persistent pool of threads, each item's system calls done
+//    one after another on one thread (the calling thread takes part);
+//  - io_uring (built when liburing is found, used when the kernel has the
+//    operations): one ring per call, up to `queue_depth` items in flight,
+//    each item a chain of asynchronous operations driven by completions.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace kvtier {
+
+struct WriteItem {
+  std::string tmp;    // temp path (in the store's tmp/ directory)
+  std::string final;  // published path
+  uint64_t addr;      // record bytes
+  uint64_t len;
+  bool direct;        // O_DIRECT (addr and len must then be aligned)
+};
+
+struct ReadItem {
+  std::string path;
+  uint64_t addr;  // destination, >= len bytes
+  uint64_t len;   // bytes wanted (the whole record)
+  bool direct;
+  // After a complete read, the xxh3-64 of [addr + digest_off, + digest_len)
+  // (the payload), computed on the I/O thread; digest_len 0: none.
+  uint64_t digest_off = 0;
+  uint64_t digest_len = 0;
+};
+
+struct ReadResult {
+  int err = 0;            // errno (ENOENT: no record), 0 on success
+  int64_t got = 0;        // bytes read (0 when the file is shorter than len: not read)
+  int64_t size = 0;       // file size (fstat)
+  bool digested = false;  // digest holds the payload's xxh3-64
+  uint64_t digest = 0;
+};
+
+// Sets r->digest when the read was complete and a digest was asked for.
+void digest_payload(const ReadItem& it, ReadResult* r);
+
+// One item at a time on the calling thread (plain system calls).
+int write_record_sync(const WriteItem& it, bool fsync);
+ReadResult read_record_sync(const ReadItem& it);
+// rename(tmp, final); on ENOENT mkdir(final's parent, 0700) and rename again.
+int publish(const std::string& tmp, const std::string& final);
+
+// Threads that run the items of any number of concurrent batches; a batch's
+// caller runs its items too, so a batch of one never changes thread.
+class IoPool {
+ public:
+  explicit IoPool(int nthreads);  // nthreads - 1 pool threads, started lazily
+  ~IoPool();
+  IoPool(const IoPool&) = delete;
+  IoPool& operator=(const IoPool&) = delete;
+
+  // Runs fn(i) for i in [0, n) over the pool and the caller; returns when all
+  // have finished. fn must not throw.
+  void run(int64_t n, const std::function<void(int64_t)>& fn);
+  int size() const { return size_; }
+
+ private:
+  struct Batch;
+  bool claim(const std::shared_ptr<Batch>& b, int64_t* i);  // with m_ held
+  void worker();
+  void start_locked();
+
+  const int size_;
+  std::mutex m_;
+  std::condition_variable wake_;
+  std::deque<std::shared_ptr<Batch>> queue_;  // batches with unclaimed items
+  bool stop_ = false;
+  std::vector<std::thread> workers_;
+};
+
+enum class IoBackend { Auto, Threads, Uring };
+
+class IoEngine {
+ public:
+  // threads: pool size (threads backend); queue_depth: items in flight per
+  // call (io_uring backend; 0: 2 x threads). Auto picks io_uring when built
+  // and the kernel supports it, else threads; Uring throws if unavailable.
+  IoEngine(int threads, IoBackend backend, int queue_depth);
+
+  std::vector<int> write_records(const std::vector<WriteItem>& items, bool fsync);
+  std::vector<ReadResult> read_records(const std::vector<ReadItem>& items);
+
+  const char* backend_name() const { return uring_ ? "io_uring" : "threads"; }
+  int threads() const { return pool_.size(); }
+  int queue_depth() const { return queue_depth_; }
+
+ private:
+  IoPool pool_;
+  bool uring_ = false;
+  int queue_depth_;
+};
+
+// io_uring backend (io_uring.cpp; stubs reporting "unavailable" without liburing).
+bool uring_available(std::string* why);
+// Run the batch through one ring with up to `depth` items in flight; false
+// (nothing done) if the ring cannot be set up.
+bool uring_write_records(const std::vector<WriteItem>& items, bool fsync, int depth,
+                         std::vector<int>* out);
+bool uring_read_records(const std::vector<ReadItem>& items, int depth,
+                        std::vector<ReadResult>* out);
+
+}  // namespace kvtier
+
+namespace kvtier {
+
+// The published records under a store's rank directory `dir`: every regular
+// file `dir/<xy>/<xy...>`, named by 2 * key_bytes lowercase hex digits that
+// begin with its shard directory's name (io_scan.cpp). Shards are
+// listed and stat'ed by up to `threads` threads; entries that vanish or fail
+// to stat are left out. Order: unspecified.
+struct ScanResult {
+  std::string keys;             // key_bytes per record, back to back
+  std::vector<int64_t> sizes;   // st_size
+  std::vector<double> mtimes;   // st_mtime as Python computes it (sec + nsec * 1e-9)
+  int err = 0;                  // errno of opening `dir` (ENOENT: no records)
+};
+ScanResult scan_records(const std::string& dir, int key_bytes, int threads);
+
+}  // namespace kvtier
