@@ -23,7 +23,6 @@ created once and reused by later runs (``--keep``) when it holds the blocks.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -39,9 +38,7 @@ import xxhash
 
 from kvtier.config import KVTierConfig
 from kvtier.copy import HostPool
-from kvtier.index import Tier
-from kvtier.metadata import NO_SLOT
-from kvtier.scheduler import DISK, DramBlock, KVTierScheduler
+from kvtier.scheduler import KVTierScheduler
 from kvtier.slots import SlotGeometry
 from kvtier.store import HEADER_BYTES, DiskStore, pack_header, record_bytes
 
@@ -103,46 +100,6 @@ def recover_once(cfg: KVTierConfig, geometry: SlotGeometry) -> tuple[float, int]
     return dt, sched.recovered_blocks
 
 
-def proposed_recover(cfg: KVTierConfig, geometry: SlotGeometry, tp_size: int = 1) -> tuple[float, int]:
-    """The rebuild _recover could do (docs/benchmarks.md, Store): the cyclic GC
-    paused (the rebuild makes ~2 acyclic objects per block; each full
-    collection would walk vLLM's whole heap), one ``scan_mtimes()`` dict per
-    rank instead of a RecordInfo per record, a sort by key function, the Tier
-    inserts in a tight loop. Same result: the blocks every rank holds, within
-    TTL, admitted oldest first."""
-    t0 = time.perf_counter()
-    now = time.time()
-    paused = gc.isenabled()
-    gc.disable()
-    try:
-        return _proposed(cfg, geometry, tp_size, now, t0)
-    finally:
-        if paused:
-            gc.enable()
-
-
-def _proposed(cfg, geometry, tp_size, now, t0):
-    stores = [DiskStore(cfg.disk_path, NS, r, tp_size, o_direct="off") for r in range(tp_size)]
-    per_rank = [s.scan_mtimes() for s in stores]
-    if len(per_rank) == 1:
-        mtimes = per_rank[0]
-    else:
-        common = set(per_rank[0]).intersection(*per_rank[1:])
-        mtimes = {k: min(r[k] for r in per_rank) for k in common}
-    order = sorted(mtimes, key=mtimes.__getitem__)
-    disk = Tier(DISK, cfg.disk_bytes, cfg.ttl_seconds)
-    size = geometry.record_bytes * tp_size
-    ttl = cfg.ttl_seconds
-    add = disk.add
-    for key in order:
-        mtime = mtimes[key]
-        if now - mtime < ttl:
-            add(key, size, mtime, value=DramBlock(NO_SLOT, True))
-    for s in stores:
-        s.sweep_temp()
-    return time.perf_counter() - t0, len(disk)
-
-
 def scan_once(root: Path) -> tuple[float, int]:
     store = DiskStore(root, NS, 0, 1, o_direct="off")
     t0 = time.perf_counter()
@@ -151,7 +108,6 @@ def scan_once(root: Path) -> tuple[float, int]:
 
 
 KINDS = {"recover": lambda cfg, g, root: recover_once(cfg, g),
-         "proposed": lambda cfg, g, root: proposed_recover(cfg, g),
          "scan": lambda cfg, g, root: scan_once(root)}
 
 
@@ -206,10 +162,9 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f}; each measurement in a fresh process", flush=True)
 
     in_child(root, args.blocks, "scan")   # warm the caches
-    warm, proposed, scans = [], [], []
+    warm, scans = [], []
     for _ in range(args.repeats):
         warm.append(in_child(root, args.blocks, "recover"))
-        proposed.append(in_child(root, args.blocks, "proposed"))
         scans.append(in_child(root, args.blocks, "scan"))
     cold, why = [], None
     for _ in range(args.cold):
@@ -220,7 +175,6 @@ def main() -> None:
     med = statistics.median
     print(f"{'':42s} {'seconds':>8s}")
     print(f"{'scheduler recovery, warm (median of %d)' % args.repeats:42s} {med(warm):8.3f}")
-    print(f"{'proposed rebuild (scan_mtimes), warm':42s} {med(proposed):8.3f}")
     print(f"{'DiskStore.scan alone (a RecordInfo each)':42s} {med(scans):8.3f}")
     if cold:
         print(f"{'scheduler recovery, cold caches':42s} {med(cold):8.3f}")
@@ -229,7 +183,7 @@ def main() -> None:
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     out = {"blocks": args.blocks, "recover_warm_s": round(med(warm), 3),
-           "scan_warm_s": round(med(scans), 3), "proposed_warm_s": round(med(proposed), 3),
+           "scan_warm_s": round(med(scans), 3),
            "recover_cold_s": round(med(cold), 3) if cold else None,
            "target_s": 2.0, "ok": med(warm) < 2.0}
     print()
