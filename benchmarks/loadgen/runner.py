@@ -179,8 +179,8 @@ class _Run:
         print(f"[loadgen {b['t']:6.0f}s] users {b['users']:3d}  reqs {len(self.results):5d} "
               f"(+{b['requests']}, err {b['errors']})  out {b['output_tok_s']:7.1f} tok/s  "
               f"hit {f(b['hit_rate'] and 100 * b['hit_rate'], '%3.0f%%')}  "
-              f"ttft p50 {f(b['ttft_p50'], '%.2f')}s p95 {f(b['ttft_p95'], '%.2f')}s"
-              + ("  [ramp frozen]" if self.ctl.frozen else ""), file=self.log, flush=True)
+              f"ttft p50 {f(b['ttft_p50'], '%.2f')}s p95 {f(b['ttft_p95'], '%.2f')}s",
+              file=self.log, flush=True)
 
     async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self.cfg.request_timeout)

@@ -52,17 +52,21 @@ class SLO:
 
 @dataclass
 class RampController:
-    """How many users should run now.
+    """How many users should run now: a ramp that holds the load inside the SLO.
 
     Every ``interval`` seconds it judges the requests *started* since the last
-    change. Within SLO: that user count is recorded as good and, unless frozen,
-    ``step`` users are added (up to ``max_users``). Violated: the ramp freezes and
-    falls back to the last good count (``step`` fewer users if none was good),
-    where it holds. ``step=0`` is a fixed user count that is still judged, so
-    ``max_users_within_slo`` is reported either way. A window with fewer than
-    ``min_requests`` finished requests is not judged yet (the window grows),
-    unless it has waited ``patience`` intervals with a request in flight for
-    longer than the TTFT limit: that counts as a violation.
+    change. Within SLO: ``step`` users are added (up to ``max_users``).
+    Violated: ``step`` users are removed (at least one stays). So the load
+    climbs to the server's capacity and then oscillates around it; a violation
+    in a cold-cache first window does not end the ramp. ``step=0`` is a fixed
+    user count that is still judged.
+
+    ``max_users_within_slo``: the largest user count judged within SLO in at
+    least half of its windows (one lucky window does not count when most
+    failed). A window with fewer than ``min_requests`` finished requests is not
+    judged yet (the window grows), unless it has waited ``patience`` intervals
+    with a request in flight for longer than the TTFT limit: that counts as a
+    violation.
     """
 
     start_users: int
@@ -76,9 +80,15 @@ class RampController:
     def __post_init__(self):
         self.target = self.start_users
         self.since = 0.0
-        self.frozen = False
-        self.max_users_within_slo: int | None = None
         self.history: list[dict] = []
+        self._verdicts: dict[int, list[int]] = {}   # users -> [ok windows, violated windows]
+
+    @property
+    def max_users_within_slo(self) -> int | None:
+        if not self.slo.active:
+            return None
+        good = [u for u, (ok, bad) in self._verdicts.items() if ok and ok >= bad]
+        return max(good, default=None)
 
     def update(self, now: float, results, in_flight_starts=()) -> int:
         if now - self.since < self.interval:
@@ -94,16 +104,11 @@ class RampController:
         else:
             ok, fig = self.slo.check(window) if self.slo.active else (True, {"n": len(window)})
         users = self.target
-        if ok:
-            if self.slo.active:
-                self.max_users_within_slo = max(self.max_users_within_slo or 0, users)
-            if not self.frozen and self.step:
-                self.target = users + self.step
-                if self.max_users:
-                    self.target = min(self.target, self.max_users)
-        elif self.step and not self.frozen:
-            self.frozen = True
-            self.target = self.max_users_within_slo or max(1, users - self.step)
+        self._verdicts.setdefault(users, [0, 0])[0 if ok else 1] += 1
+        if self.step:
+            self.target = users + self.step if ok else max(1, users - self.step)
+            if self.max_users:
+                self.target = min(self.target, self.max_users)
         self.history.append({"t": now, "users": users, "ok": ok, **fig,
                              "next_users": self.target})
         self.since = now
