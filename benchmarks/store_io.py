@@ -12,6 +12,9 @@ header and payload checksums), through:
   records in flight, with its default backend;
 * ``native-<other backend>``: the same through the other backend (threads vs
   io_uring) when this build has it;
+* ``native_reuse``: the native default with a full store's steady state: the
+  previous pass's records are removed as evictions remove them (kept as free
+  files, ``DiskStore(free_files=...)``), so writes go over existing blocks;
 * ``python``: the store's Python path (os.open/pwrite/rename), one record per
   call from a pool of ``--threads`` Python threads, as kvtier/worker.py calls it;
 
@@ -173,11 +176,24 @@ def clear_records(store: DiskStore) -> None:
 
 
 class StoreCase:
-    """One way of driving the store: write all records, then read them all back."""
+    """One way of driving the store: write all records, then read them all back.
 
-    def __init__(self, label: str, store: DiskStore, batch: bool, threads: int):
-        self.label, self.store, self.batch = label, store, batch
+    ``reuse``: between passes the records are removed as evictions remove them
+    (into the store's free files) instead of deleted, so each write pass writes
+    over the previous pass's files: a full store's steady state."""
+
+    def __init__(self, label: str, store: DiskStore, batch: bool, threads: int,
+                 reuse: bool = False):
+        self.label, self.store, self.batch, self.reuse = label, store, batch, reuse
         self.pool = None if batch else ThreadPoolExecutor(threads)
+
+    def clear(self, keys) -> None:
+        if self.reuse:
+            for k in keys:
+                self.store.remove(k)
+            os.sync()
+        else:
+            clear_records(self.store)
 
     def write(self, keys, recs) -> None:
         if self.batch:
@@ -225,6 +241,11 @@ def bench_size(name: str, payload: int, args, fio, engine, fio_why) -> dict:
             label = "native" if b == default else f"native-{b}"
             cases.append(StoreCase(f"{label} ({s.io_backend}, batch)", s, True, args.threads))
             native_default = native_default or cases[-1].label
+            if b == default:
+                s = DiskStore(root / "reuse", NS, 0, 1, io_threads=args.threads, native_io=b,
+                              free_files=n)
+                cases.append(StoreCase(f"native_reuse ({s.io_backend}, batch, full store)", s,
+                                       True, args.threads, reuse=True))
     s = DiskStore(root / "python", NS, 0, 1, io_threads=args.threads, native_io="off")
     cases.append(StoreCase(f"python ({args.threads} threads, per record)", s, False, args.threads))
     if not all(c.store.o_direct for c in cases):
@@ -264,7 +285,7 @@ def bench_size(name: str, payload: int, args, fio, engine, fio_why) -> dict:
                     ffw.append(bw_fw)
                     ffr.append(bw_fr)
                 continue
-            clear_records(c.store)
+            c.clear(keys)
             settle()
             t0, c0 = time.perf_counter(), time.process_time()
             c.write(keys, recs)
@@ -358,6 +379,9 @@ def main() -> None:
         res = bench_size(name, SIZES[name], args, fio, engine, fio_why)
         results[name] = res
         best = res.get("native") or res["python"]
+        if "native_reuse" in res:   # a full store (the steady state of a long TTL)
+            figures[f"write_{name}_vs_fio_full_store"] = res["native_reuse"]["write_vs_fio"]
+            figures[f"write_{name}_full_store_GBps"] = res["native_reuse"]["write_GBps"]
         figures[f"write_{name}_vs_fio"] = best["write_vs_fio"]
         figures[f"read_{name}_vs_fio"] = best["read_vs_fio"]
         figures[f"write_{name}_vs_fio_files"] = best["write_vs_fio_files"]

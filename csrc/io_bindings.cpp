@@ -21,7 +21,7 @@ namespace kvtier {
 
 namespace {
 
-using WriteTuple = std::tuple<std::string, std::string, uint64_t, uint64_t, bool>;
+using WriteTuple = std::tuple<std::string, std::string, uint64_t, uint64_t, bool, std::string>;
 using ReadTuple = std::tuple<std::string, uint64_t, uint64_t, bool, uint64_t, uint64_t>;
 
 IoBackend parse_backend(const std::string& s) {
@@ -70,13 +70,14 @@ void bind_io(nb::module_& m) {
             v.reserve(items.size());
             for (const auto& t : items)
               v.push_back(WriteItem{std::get<0>(t), std::get<1>(t), std::get<2>(t),
-                                    std::get<3>(t), std::get<4>(t)});
+                                    std::get<3>(t), std::get<4>(t), std::get<5>(t)});
             nb::gil_scoped_release released;
             return e.write_records(v, fsync);
           },
           "items"_a, "fsync"_a,
-          "items: [(tmp_path, final_path, addr, len, o_direct)]. Publishes each record "
-          "atomically (write tmp, [fsync], rename); returns an errno per item (0: ok).")
+          "items: [(tmp_path, final_path, addr, len, o_direct, reuse_path)]. Publishes each "
+          "record atomically (write tmp, [fsync], rename); reuse_path (or ''): a free file "
+          "to rename to tmp and write over. Returns an errno per item (0: ok).")
       .def(
           "read_records",
           [](IoEngine& e, const std::vector<ReadTuple>& items) {

@@ -57,10 +57,29 @@ int publish(const std::string& tmp, const std::string& final) {
   return errno;
 }
 
+// Opens it.tmp for writing: the reused file renamed there (*reused), else a new one.
+int open_tmp(const WriteItem& it, bool* reused) {
+  *reused = false;
+  if (!it.reuse.empty() && ::rename(it.reuse.c_str(), it.tmp.c_str()) == 0) {
+    const int fd = ::open(it.tmp.c_str(), O_WRONLY | O_CLOEXEC | (it.direct ? O_DIRECT : 0));
+    if (fd >= 0) {
+      *reused = true;
+      return fd;
+    }
+    ::unlink(it.tmp.c_str());
+  }
+  return ::open(it.tmp.c_str(), open_flags_write(it.direct), 0600);
+}
+
 int write_record_sync(const WriteItem& it, bool fsync) {
-  const int fd = ::open(it.tmp.c_str(), open_flags_write(it.direct), 0600);
+  bool reused = false;
+  const int fd = open_tmp(it, &reused);
   if (fd < 0) return errno;  // nothing of ours to clean up (O_EXCL)
   int err = pwrite_all(fd, reinterpret_cast<const char*>(it.addr), it.len);
+  struct stat st;
+  if (err == 0 && reused && ::fstat(fd, &st) == 0 &&
+      static_cast<uint64_t>(st.st_size) > it.len && ::ftruncate(fd, it.len) != 0)
+    err = errno;
   if (err == 0 && fsync && ::fsync(fd) != 0) err = errno;
   if (::close(fd) != 0 && err == 0 && errno != EINTR) err = errno;
   if (err == 0) err = publish(it.tmp, it.final);

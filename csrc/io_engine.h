@@ -39,6 +39,11 @@ struct WriteItem {
   uint64_t addr;      // record bytes
   uint64_t len;
   bool direct;        // O_DIRECT (addr and len must then be aligned)
+  // An evicted record's file to write over instead of creating tmp ("" none):
+  // renamed to tmp first; overwriting allocated blocks spares the filesystem
+  // the block allocation of a new file. Taken by someone else: a new file.
+  // (The io_uring backend ignores it.)
+  std::string reuse;
 };
 
 struct ReadItem {

@@ -17,14 +17,16 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.config import KVTierConfig
+from kvtier.groups import groups_of, payload_bytes_of
 from kvtier.keys import Namespace
 from kvtier.metadata import KVTierMetadata
 from kvtier.metrics import KVTierPromMetrics, KVTierStats
-from kvtier.slots import SlotGeometry, payload_bytes_of
+from kvtier.slots import SlotGeometry
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -37,7 +39,15 @@ _SOURCES = {"dram": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
 
 
 def namespace_of(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig") -> Namespace:
+    """What makes two records interchangeable. A hybrid model's records hold one
+    KV cache group's layers: its group structure is part of the namespace (the
+    same model with the hybrid manager off has one group of every layer)."""
     mc, cc = vllm_config.model_config, vllm_config.cache_config
+    groups = groups_of(kv_cache_config)
+    extra = ""
+    if len(groups) > 1 or groups[0].windowed:
+        extra = "groups=" + ";".join(f"{len(g.layer_names)}:{g.window_blocks or 'full'}"
+                                     for g in groups)
     kv_dtype = cc.cache_dtype if cc.cache_dtype != "auto" else str(mc.dtype).replace("torch.", "")
     return Namespace(
         model=f"{mc.model}@{mc.revision or ''}",
@@ -45,6 +55,7 @@ def namespace_of(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig") ->
         layout=str(kv_cache_config.kv_cache_layout or "default"),
         block_size=kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size,
         tp_size=vllm_config.parallel_config.tensor_parallel_size,
+        extra=extra,
     )
 
 
@@ -56,14 +67,15 @@ def check_supported(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig")
                          f"(pipeline_parallel_size={pc.pipeline_parallel_size}); use TP only")
     if not vllm_config.cache_config.enable_prefix_caching:
         raise ValueError("kvtier needs prefix caching: remove --no-enable-prefix-caching")
-    groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1:
-        raise ValueError(f"kvtier: {len(groups)} KV cache groups (hybrid model) are not "
-                         "supported; run with --disable-hybrid-kv-cache-manager")
+    groups_of(kv_cache_config)   # raises for KV cache groups kvtier cannot serve
 
 
-class KVTierConnector(KVConnectorBase_V1):
-    """Prefix-cache offload: GPU -> DRAM -> disk, reload on prefix match."""
+class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
+    """Prefix-cache offload: GPU -> DRAM -> disk, reload on prefix match.
+
+    Supports vLLM's hybrid KV cache manager (``SupportsHMA``): full-attention and
+    sliding-window groups are offloaded, each group's block as its own record
+    (kvtier.groups)."""
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -81,6 +93,7 @@ class KVTierConnector(KVConnectorBase_V1):
         ns = namespace_of(vllm_config, kv_cache_config)
         self.namespace = ns
         self.tp_size = ns.tp_size
+        self.groups = groups_of(kv_cache_config)
         geometry = SlotGeometry.plan(payload_bytes_of(kv_cache_config), self.cfg.dram_bytes)
         self.scheduler = None
         self.worker = None
@@ -88,7 +101,7 @@ class KVTierConnector(KVConnectorBase_V1):
             from kvtier.scheduler import KVTierScheduler
 
             self.scheduler = KVTierScheduler(self.cfg, ns.digest(), ns.tp_size, ns.block_size,
-                                             geometry)
+                                             geometry, groups=self.groups)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -104,7 +117,8 @@ class KVTierConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------ worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.worker.register_kv_caches(kv_caches, self._kv_cache_config.num_blocks,
-                                       self.namespace.layout)
+                                       self.namespace.layout,
+                                       [g.layer_names for g in self.groups])
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         if self.worker is not None and isinstance(kv_connector_metadata, KVTierMetadata):
@@ -173,4 +187,8 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: "Request",
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self.scheduler.request_finished(request), None
+
+    def request_finished_all_groups(self, request: "Request", block_ids: tuple[list[int], ...]
+                                    ) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler.request_finished(request), None

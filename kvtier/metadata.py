@@ -27,6 +27,7 @@ class StoreItem(NamedTuple):
     block: int      # GPU block id (source)
     slot: int       # DRAM slot (destination)
     to_disk: bool   # write the slot through to the disk tier afterwards
+    group: int = 0  # KV cache group (kvtier.groups): which layers
 
 
 class LoadItem(NamedTuple):
@@ -34,6 +35,7 @@ class LoadItem(NamedTuple):
     block: int      # GPU block id (destination)
     slot: int       # DRAM slot: holds the block, or stages it from disk; NO_SLOT = fail
     from_disk: bool
+    group: int = 0  # KV cache group (kvtier.groups): which layers
 
 
 @dataclass
@@ -53,9 +55,10 @@ class LoadJob:
 class KVTierMetadata(KVConnectorMetadata):
     stores: list[StoreJob] = field(default_factory=list)
     loads: list[LoadJob] = field(default_factory=list)
-    # Requests preempted this step: their GPU blocks are freed now, so in-flight
-    # reads of GPU blocks must finish before the forward overwrites them.
-    preempted: bool = False
+    # GPU blocks were freed since the last step (preempted requests; sliding-
+    # window blocks that left the window): in-flight reads of GPU blocks must
+    # finish before the forward can overwrite them.
+    flush_gathers: bool = False
 
 
 def _add(a: dict, b: dict) -> dict:

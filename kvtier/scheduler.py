@@ -24,9 +24,10 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from kvtier.config import KVTierConfig
+from kvtier.groups import FULL, NULL_BLOCK, KVGroup, group_key
 from kvtier.index import EVICT_DROPPED, EVICT_TTL, Entry, LoadCostModel, SlotAllocator, Tier
 from kvtier.keys import KeyChain, root_key
 from kvtier.metrics import CHECKSUM_REASONS, StatsRecorder
@@ -55,15 +56,22 @@ class DramBlock:
 class ReqState:
     request: "Request"
     chain: KeyChain
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: list[list[int]] = field(default_factory=list)   # per KV cache group
     handled_blocks: int = 0     # blocks [0, n) stored, present, or skipped
     had_stores: bool = False
+
+
+class Hit(NamedTuple):
+    block: int      # index of the block in the request
+    group: int      # KV cache group
+    key: bytes      # the group's record key
+    tier: str
 
 
 @dataclass
 class PendingHit:
     num_computed: int
-    hits: list[tuple[bytes, str]]   # (key, tier) per block after the local hit
+    hits: list[Hit]   # what the hit needs after the local hit, block by block
 
 
 @dataclass
@@ -81,8 +89,13 @@ class Resolution:
 
 class KVTierScheduler:
     def __init__(self, cfg: KVTierConfig, namespace: bytes, tp_size: int, block_size: int,
-                 geometry: SlotGeometry, clock: Callable[[], float] = time.time):
+                 geometry: SlotGeometry, clock: Callable[[], float] = time.time,
+                 groups: tuple[KVGroup, ...] = FULL):
         self.cfg = cfg
+        self.groups = groups
+        self.full_groups = [g for g in groups if not g.windowed]
+        self.window_groups = [g for g in groups if g.windowed]
+        self._flush_next = False   # window blocks were stored: they may be freed next step
         self.namespace = namespace
         self.tp_size = tp_size
         self.block_size = block_size
@@ -103,9 +116,14 @@ class KVTierScheduler:
         self.rank_stores: list[DiskStore] = []
         self._sweep_q: queue.Queue = queue.Queue()
         if cfg.disk_enabled:
-            self.disk = Tier(DISK, cfg.disk_bytes, cfg.ttl_seconds, on_evict=self._disk_evicted)
+            # Evicted records wait in free/ for writes to overwrite them (faster
+            # than new files): up to 1/16 of the budget, 64 per rank, counted in it.
+            spare = min(64, cfg.disk_bytes // self.record_size // 16)
+            self.disk = Tier(DISK, cfg.disk_bytes - spare * self.record_size, cfg.ttl_seconds,
+                             on_evict=self._disk_evicted)
             self.rank_stores = [DiskStore(cfg.disk_path, namespace, r, tp_size,
-                                          o_direct="off") for r in range(tp_size)]
+                                          o_direct="off", free_files=spare)
+                                for r in range(tp_size)]
             self._recover()
             threading.Thread(target=self._sweeper, name="kvtier-sweeper", daemon=True).start()
 
@@ -232,11 +250,20 @@ class KVTierScheduler:
             self._reqs[request.request_id] = st
         return st
 
-    def _unpin_hits(self, pending: PendingHit | None, start: int = 0) -> None:
+    def _unpin_hits(self, pending: PendingHit | None, keep=lambda hit: False) -> None:
         if pending is None:
             return
-        for key, tier in pending.hits[start:]:
-            (self.dram if tier == DRAM else self.disk).unpin(key)
+        for hit in pending.hits:
+            if not keep(hit):
+                (self.dram if hit.tier == DRAM else self.disk).unpin(hit.key)
+
+    def _where(self, key: bytes, now: float) -> str | None:
+        """The tier a ready copy of ``key`` is in (DRAM first), or None."""
+        if self._ready(self.dram, key, now):
+            return DRAM
+        if self._ready(self.disk, key, now) or self._probe_shared(key, now):
+            return DISK
+        return None
 
     def get_num_new_matched_tokens(self, request: "Request",
                                    num_computed_tokens: int) -> tuple[int, bool]:
@@ -252,40 +279,70 @@ class KVTierScheduler:
                 return 0, False
             keys = st.chain.extend(request.all_token_ids[:max_blocks * bs])
             now = self.clock()
-            hits: list[tuple[bytes, str]] = []
-            for key in keys[start:max_blocks]:
-                if self._ready(self.dram, key, now):
-                    hits.append((key, DRAM))
-                elif self._ready(self.disk, key, now) or self._probe_shared(key, now):
-                    hits.append((key, DISK))
-                else:
-                    break
             self.stats.inc("kvtier_lookups_total")
             self.stats.inc("kvtier_lookup_tokens_total", (max_blocks - start) * bs)
-            # Disk hits are staged through DRAM slots: never promise more than fit.
-            disk_hits = [i for i, (_, t) in enumerate(hits) if t == DISK]
-            if len(disk_hits) > self.max_staged:
-                hits = hits[:disk_hits[self.max_staged]]
-            hits = self._worth_loading(hits, now)
-            if len(hits) < self.cfg.min_hit_blocks:
+            hits = self._longest_hit(keys, start, max_blocks, now)
+            end = hits[-1].block + 1 if hits else start
+            if end - start < max(1, self.cfg.min_hit_blocks):
                 return 0, False
-            for key, tier in hits:
-                (self.dram if tier == DRAM else self.disk).pin(key)
+            for hit in hits:
+                (self.dram if hit.tier == DRAM else self.disk).pin(hit.key)
             self._pending_hits[request.request_id] = PendingHit(num_computed_tokens, hits)
-            return len(hits) * bs, True
+            return (end - start) * bs, True
 
-    def _worth_loading(self, hits: list[tuple[bytes, str]], now: float):
-        """Drop the tiers whose load would be slower than recomputing (never a slower hit)."""
-        if self.cfg.load_policy == "always" or not hits:
+    def _longest_hit(self, keys: list[bytes], start: int, limit: int, now: float) -> list[Hit]:
+        """What the longest loadable hit after ``start`` needs, block by block.
+
+        Every full-attention group needs each block of the hit; a sliding-window
+        group only the last blocks its window sees, so the hit's end is the
+        furthest point where those are present too. Disk blocks are staged
+        through DRAM slots (never more than fit), and a tier whose load would be
+        slower than recomputing is not used (``_slow_tier``)."""
+        where = {}   # (block, group) -> tier | None, memoized
+
+        def tier(i: int, g: KVGroup) -> str | None:
+            if (i, g.index) not in where:
+                where[i, g.index] = self._where(group_key(keys[i], g.index), now)
+            return where[i, g.index]
+
+        end = start
+        while end < limit and all(tier(end, g) for g in self.full_groups):
+            end += 1
+        declined = set()
+        while end > start:
+            hits = [Hit(i, g.index, group_key(keys[i], g.index), tier(i, g))
+                    for i in range(start, end) for g in self.groups if i in g.needed(start, end)]
+            missing = next((h.block for h in hits if h.tier is None), None)
+            if missing is not None:   # a window group lacks a block near this end
+                end -= 1
+                continue
+            disk = [h for h in hits if h.tier == DISK]
+            if len(disk) > self.max_staged:
+                end = disk[self.max_staged].block
+                continue
+            slow = self._slow_tier(hits, now)
+            if slow is not None:
+                cut = next(h.block for h in hits if h.tier == slow)
+                if slow not in declined:
+                    self.stats.inc("kvtier_declined_loads_total", end - cut, tier=slow)
+                    declined.add(slow)
+                end = cut
+                continue
             return hits
+        return []
+
+    def _slow_tier(self, hits: list[Hit], now: float) -> str | None:
+        """A tier whose load would be slower than recomputing (never a slower hit)."""
+        if self.cfg.load_policy == "always":
+            return None
         per_rank = self.geometry.record_bytes
         for tier in (DISK, DRAM):
-            n = sum(1 for _, t in hits if t == tier)
-            if n and not self.cost.worth_loading(tier, n * per_rank, n * self.block_size, now):
-                cut = next(i for i, (_, t) in enumerate(hits) if t == tier)
-                self.stats.inc("kvtier_declined_loads_total", len(hits) - cut, tier=tier)
-                hits = hits[:cut]
-        return hits
+            n = sum(1 for h in hits if h.tier == tier)
+            blocks = len({h.block for h in hits if h.tier == tier})
+            if n and not self.cost.worth_loading(tier, n * per_rank, blocks * self.block_size,
+                                                 now):
+                return tier
+        return None
 
     def _probe_shared(self, key: bytes, now: float) -> bool:
         """Index miss: another process may have published the block (shared store)."""
@@ -303,21 +360,39 @@ class KVTierScheduler:
             if num_external_tokens == 0 or pending is None:
                 self._unpin_hits(pending)
                 return
-            n = num_external_tokens // self.block_size
-            self._unpin_hits(pending, n)
             start = pending.num_computed // self.block_size
-            gpu_blocks = blocks.get_block_ids()[0][start:start + n]
+            end = start + num_external_tokens // self.block_size
+            gpu = blocks.get_block_ids()
+
+            def used(hit: Hit) -> bool:   # vLLM gave the block a real page to fill
+                return hit.block < end and not (self.groups[hit.group].windowed
+                                                 and gpu[hit.group][hit.block] == NULL_BLOCK)
+            self._unpin_hits(pending, keep=used)
             now = self.clock()
             items: list[LoadItem] = []
-            by_tier = {DRAM: 0, DISK: 0}
-            for (key, tier), block in zip(pending.hits[:n], gpu_blocks):
-                self._touch(key, now)
-                if tier == DRAM:
-                    items.append(LoadItem(key, block, self.dram.peek(key).value.slot, False))
+            covered = set()
+            block_tier: dict[int, str] = {}
+            for hit in filter(used, pending.hits):
+                self._touch(hit.key, now)
+                block = gpu[hit.group][hit.block]
+                covered.add((hit.block, hit.group))
+                if hit.tier == DRAM:
+                    slot = self.dram.peek(hit.key).value.slot
+                    items.append(LoadItem(hit.key, block, slot, False, hit.group))
                 else:
-                    slot = self._admit_dram(key, now)
-                    items.append(LoadItem(key, block, NO_SLOT if slot is None else slot, True))
-                by_tier[tier] += self.block_size
+                    slot = self._admit_dram(hit.key, now)
+                    items.append(LoadItem(hit.key, block, NO_SLOT if slot is None else slot,
+                                          True, hit.group))
+                    block_tier[hit.block] = DISK
+            # vLLM accepted fewer tokens than offered: a window group may now need
+            # blocks the hit did not include. They fail (recompute from there).
+            for g in self.window_groups:
+                for i in range(start, end):
+                    if (i, g.index) not in covered and gpu[g.index][i] != NULL_BLOCK:
+                        items.append(LoadItem(b"", gpu[g.index][i], NO_SLOT, False, g.index))
+            by_tier = {DRAM: 0, DISK: 0}
+            for i in range(start, end):
+                by_tier[block_tier.get(i, DRAM)] += self.block_size
             for tier, tokens in by_tier.items():
                 self.stats.inc("kvtier_hit_tokens_total", tokens, tier=tier)
             self._loads[request.request_id] = LoadPlan(items, by_tier)
@@ -340,8 +415,10 @@ class KVTierScheduler:
     # ---------------------------------------------------------------- stores
     def build_connector_meta(self, so) -> KVTierMetadata:
         with self._lock:
-            meta = KVTierMetadata(loads=self._new_loads, preempted=bool(so.preempted_req_ids))
+            meta = KVTierMetadata(loads=self._new_loads,
+                                  flush_gathers=bool(so.preempted_req_ids) or self._flush_next)
             self._new_loads = []
+            self._flush_next = False
             now = self.clock()
             self._step = (time.perf_counter(), so.total_num_scheduled_tokens)
             for req in so.scheduled_new_reqs:
@@ -360,37 +437,44 @@ class KVTierScheduler:
         if st is None:
             return
         if new_block_ids is not None:
-            if replace:
-                st.block_ids = list(new_block_ids[0])
+            if replace or not st.block_ids:
+                st.block_ids = [list(ids) for ids in new_block_ids]
             else:
-                st.block_ids.extend(new_block_ids[0])
+                for mine, ids in zip(st.block_ids, new_block_ids):
+                    mine.extend(ids)
         request = st.request
         done = min(num_computed + so.num_scheduled_tokens.get(req_id, 0),
                    len(request.all_token_ids))
         if not self.cfg.store_decode_tokens:
             done = min(done, request.num_prompt_tokens)
-        n_full = min(done // self.block_size, len(st.block_ids))
+        n_full = min([done // self.block_size] + [len(ids) for ids in st.block_ids])
         if n_full <= st.handled_blocks:
             return
         keys = st.chain.extend(request.all_token_ids[:n_full * self.block_size])
         items: list[StoreItem] = []
         for i in range(st.handled_blocks, n_full):
-            key = keys[i]
-            if self._touch(key, now):
-                continue
-            slot = self._admit_dram(key, now)
-            if slot is None:
-                self.stats.inc("kvtier_skipped_stores_total", reason="dram_full")
-                continue
-            to_disk = False
-            if self.disk is not None:
-                to_disk = self.disk.add(key, self.record_size, now, value=DramBlock(NO_SLOT),
-                                        pinned=True) is not None
-                if to_disk:
-                    self.dram.pin(key)   # the slot is read by the disk write
-                else:
-                    self.stats.inc("kvtier_skipped_stores_total", reason="disk_full")
-            items.append(StoreItem(key, st.block_ids[i], slot, to_disk))
+            for g in self.groups:
+                block = st.block_ids[g.index][i]
+                if g.windowed:
+                    if block == NULL_BLOCK:   # left the window before it could be stored
+                        continue
+                    self._flush_next = True   # it may leave the window next step
+                key = group_key(keys[i], g.index)
+                if self._touch(key, now):
+                    continue
+                slot = self._admit_dram(key, now)
+                if slot is None:
+                    self.stats.inc("kvtier_skipped_stores_total", reason="dram_full")
+                    continue
+                to_disk = False
+                if self.disk is not None:
+                    to_disk = self.disk.add(key, self.record_size, now,
+                                            value=DramBlock(NO_SLOT), pinned=True) is not None
+                    if to_disk:
+                        self.dram.pin(key)   # the slot is read by the disk write
+                    else:
+                        self.stats.inc("kvtier_skipped_stores_total", reason="disk_full")
+                items.append(StoreItem(key, block, slot, to_disk, g.index))
         st.handled_blocks = n_full
         if items:
             job = self._next_job
@@ -494,7 +578,8 @@ class KVTierScheduler:
             # prefix's first block, the one every continuation needs, leaves last.
             now = self.clock()
             for key in reversed(st.chain.keys[:st.handled_blocks]):
-                self._touch(key, now)
+                for g in reversed(self.groups):
+                    self._touch(group_key(key, g.index), now)
             return st.had_stores
 
     # ------------------------------------------------------------- reporting

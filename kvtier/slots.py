@@ -36,8 +36,3 @@ class SlotGeometry:
                 "disk loads)")
         return cls(payload_bytes, num_slots)
 
-
-def payload_bytes_of(kv_cache_config) -> int:
-    """Bytes of one block across the layers of the (single) KV cache group."""
-    group = kv_cache_config.kv_cache_groups[0]
-    return group.kv_cache_spec.page_size_bytes * len(group.layer_names)

@@ -57,6 +57,11 @@ def temp_files(root: Path):
     return [f for f in root.glob("*/rank*/tmp/*") if f.is_file()]
 
 
+def free_files(root: Path):
+    """Evicted records kept for writes to overwrite (store.DiskStore.free_files)."""
+    return [f for f in root.glob("*/rank*/free/*") if f.is_file()]
+
+
 def cmd_stats(root: Path, as_json: bool) -> int:
     now = time.time()
     per = defaultdict(lambda: {"records": 0, "bytes": 0, "ages": Counter()})
@@ -129,13 +134,17 @@ def cmd_verify(root: Path, delete: bool, as_json: bool) -> int:
 
 def cmd_gc(root: Path, ttl: float, max_bytes: float, dry_run: bool, as_json: bool) -> int:
     now = time.time()
-    removed = {"temp": 0, "expired": 0, "over_budget": 0}
+    removed = {"temp": 0, "free": 0, "expired": 0, "over_budget": 0}
     freed = 0
     for f in temp_files(root):
         if now - f.stat().st_mtime > 600:
             removed["temp"] += 1
             if not dry_run:
                 f.unlink(missing_ok=True)
+    for f in free_files(root):
+        removed["free"] += 1
+        if not dry_run:
+            f.unlink(missing_ok=True)
     blocks: dict[tuple[str, str], list[Record]] = defaultdict(list)
     for r in records(root):
         blocks[(r.namespace, r.key)].append(r)

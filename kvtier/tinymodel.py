@@ -29,9 +29,16 @@ class TinyLlama:
     intermediate_size: int = 256
     max_position_embeddings: int = 8192
     initializer_range: float = 0.15
+    # Hybrid attention (vLLM's hybrid KV cache manager): a window in tokens and
+    # "full_attention" / "sliding_attention" per layer.
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
 
     def config(self) -> dict:
-        return {
+        extra = {}
+        if self.layer_types is not None:
+            extra = {"layer_types": list(self.layer_types), "sliding_window": self.sliding_window}
+        return extra | {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "hidden_size": self.hidden_size,

@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import xxhash
@@ -51,7 +51,8 @@ class KVTierWorker:
         self.geometry = geometry
         self.layout: KVLayout | None = None
         self.pool: HostPool | None = None
-        self.engine = None
+        self.engine = None   # the first group's (every group's: self.engines)
+        self.engines: list = []
         self.store: DiskStore | None = None
         self.cuda = False
 
@@ -72,15 +73,27 @@ class KVTierWorker:
 
     # -- set-up --------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], num_blocks: int,
-                           layout_name: str) -> None:
-        self.layout = KVLayout.from_kv_caches(kv_caches, num_blocks, layout_name)
-        if self.layout.block_bytes != self.geometry.payload_bytes:
-            raise RuntimeError(
-                f"kvtier: KV block is {self.layout.block_bytes} bytes on this worker but the "
-                f"scheduler planned {self.geometry.payload_bytes}; unsupported KV layout")
-        self.cuda = self.layout.device.startswith("cuda")
-        self.pool = HostPool(self.geometry.num_slots, self.geometry.slot_bytes, pin=self.cuda)
-        self.engine = make_copy_engine(self.layout, kv_caches, self.pool, HEADER_BYTES)
+                           layout_name: str, groups: Sequence[Sequence[str]] = ()) -> None:
+        """``groups``: each KV cache group's layer names (kvtier.groups); empty = one
+        group of every layer. A group's block is one DRAM slot, one disk record."""
+        groups = [tuple(g) for g in groups] or [tuple(kv_caches)]
+        self.pool = None
+        self.engines = []
+        for layers in groups:
+            sub = {name: kv_caches[name] for name in layers}
+            layout = KVLayout.from_kv_caches(sub, num_blocks, layout_name)
+            if layout.block_bytes != self.geometry.payload_bytes:
+                raise RuntimeError(
+                    f"kvtier: a KV block of layers {layers[0]}.. is {layout.block_bytes} bytes "
+                    f"on this worker but the scheduler planned {self.geometry.payload_bytes}; "
+                    "unsupported KV layout")
+            if self.pool is None:
+                self.layout = layout
+                self.cuda = layout.device.startswith("cuda")
+                self.pool = HostPool(self.geometry.num_slots, self.geometry.slot_bytes,
+                                     pin=self.cuda)
+            self.engines.append(make_copy_engine(layout, sub, self.pool, HEADER_BYTES))
+        self.engine = self.engines[0]
         if self.cfg.disk_enabled:
             self.store = DiskStore(self.cfg.disk_path, self.namespace, self.rank, self.tp_size,
                                    o_direct=self.cfg.o_direct, fsync=self.cfg.fsync)
@@ -97,7 +110,7 @@ class KVTierWorker:
 
     # -- entry points (vLLM's worker hooks) ------------------------------------
     def handle_preemptions(self, meta: KVTierMetadata) -> None:
-        if meta.preempted:
+        if meta.flush_gathers:
             self.flush_gathers()
 
     def submit_stores(self, meta: KVTierMetadata) -> None:
@@ -150,8 +163,9 @@ class KVTierWorker:
         if self._io is not None:
             self._io.shutdown(wait=True)
             self._io = None
-        if self.engine is not None and hasattr(self.engine, "close"):
-            self.engine.close()   # before the pool: a pinned pool must outlive its engine
+        for engine in self.engines:   # before the pool: a pinned pool must outlive them
+            if hasattr(engine, "close"):
+                engine.close()
         if self.pool is not None:
             self.pool.close()
 
@@ -171,7 +185,8 @@ class KVTierWorker:
         try:
             if fence is not None:
                 fence.synchronize()
-            self.engine.gather([it.block for it in job.items], [it.slot for it in job.items])
+            for group, items in by_group(job.items):
+                self.engines[group].gather([it.block for it in items], [it.slot for it in items])
         except Exception:
             log.exception("kvtier: gather failed; dropping %d blocks", len(job.items))
             ok = False
@@ -272,7 +287,8 @@ class KVTierWorker:
         good = [it for i, it in enumerate(job.items) if i not in failed]
         t0 = time.perf_counter()
         try:
-            self.engine.scatter([it.slot for it in good], [it.block for it in good])
+            for group, items in by_group(good):
+                self.engines[group].scatter([it.slot for it in items], [it.block for it in items])
         except Exception:
             log.exception("kvtier: scatter failed; recomputing %d blocks", len(good))
             with self._lock:
@@ -293,3 +309,10 @@ class KVTierWorker:
     def _count(d: dict, k, n: int = 1) -> None:
         d[k] = d.get(k, 0) + n
 
+
+def by_group(items):
+    """``(group, items)`` pairs: each KV cache group has its own layers and engine."""
+    groups: dict[int, list] = {}
+    for it in items:
+        groups.setdefault(it.group, []).append(it)
+    return groups.items()

@@ -20,7 +20,24 @@ from tests.helpers import FULL_BLOCK_TOKENS, cached, prompts, server, wait_recor
 pytestmark = [pytest.mark.e2e, needs_vllm]
 
 SCENARIOS = Path(__file__).parent / "scenarios"
-TOL = 1e-3   # logprob tolerance vs recompute (measured: 0.0, bit-identical KV)
+# Logprob tolerance vs recompute. The reloaded KV is byte-identical to what the
+# original forward wrote (test_reload_is_byte_exact), but vLLM's CPU attention
+# does not always give bit-identical results for the same KV in other pages:
+# measured 0.0 for most prompts and up to 0.029 for some on a 2-core EPYC VM
+# (the same with kvtier's code before hybrid support, and with vLLM's hybrid
+# manager on or off). Outputs must be equal regardless.
+TOL = 0.05
+
+
+def run_bytecheck(model_dir: str, out: Path, opts: dict) -> dict:
+    """tests/scenarios/bytecheck.py: two rounds in-process, reloaded pages compared
+    byte for byte with the pages the storing forward wrote."""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run([sys.executable, str(SCENARIOS / "bytecheck.py"), model_dir, str(out),
+                           json.dumps(opts)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
 def run_rounds(model_dir: str, out: Path, opts: dict) -> list[dict]:
@@ -43,6 +60,17 @@ def kvtier_rounds(model_dir, tmp_path_factory):
 def baseline_rounds(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("baseline")
     return run_rounds(model_dir, tmp / "out.json", {"connector": False})
+
+
+def test_reload_is_byte_exact(model_dir, tmp_path):
+    doc = run_bytecheck(model_dir, tmp_path / "out.json", {
+        "extra": {"dram_bytes": "64MiB", "disk_path": str(tmp_path / "store")}})
+    assert doc["checked"]["mismatch"] == []
+    assert doc["checked"]["pages"] >= 6 * (FULL_BLOCK_TOKENS // 32) * 0.95
+    res = doc["results"]
+    first = {r["prompt"]: r["output"] for r in res if r["round"] == 0}
+    for r in (r for r in res if r["round"] == 1):
+        assert r["cached"] >= 0.95 * FULL_BLOCK_TOKENS and r["output"] == first[r["prompt"]]
 
 
 def test_second_round_served_beyond_gpu_capacity(kvtier_rounds, baseline_rounds):

@@ -413,3 +413,64 @@ def test_fork_gets_its_own_engine(tmp_path, pool):
     assert os.waitstatus_to_exitcode(status) == 0
     assert s._io is parent_engine
     assert s.read_batch([(key(10 + i), pool.slot(6 + i), PAYLOAD) for i in range(2)]) == [None] * 2
+
+
+# -- free files: writes over evicted records ----------------------------------------
+
+def test_removed_records_are_overwritten_by_later_writes(tmp_path, pool, backend):
+    s = make(tmp_path / "kv", backend, free_files=2)
+    old = [key(i) for i in range(3)]
+    s.write_batch([(k, fill(pool, i, k)) for i, k in enumerate(old)])
+    inodes = {s.path(k).stat().st_ino for k in old}
+    assert all(s.remove(k) for k in old)
+    # two kept for reuse (the bound), the third unlinked; none is a record any more
+    assert len(os.listdir(s.free)) == 2
+    assert not list(s.scan()) and not any(s.exists(k) for k in old)
+    with pytest.raises(RecordError) as e:
+        s.read(old[0], pool.slot(7), PAYLOAD)
+    assert e.value.reason == "missing"
+    new = [key(10 + i) for i in range(3)]
+    recs = [fill(pool, i, k).copy() for i, k in enumerate(new)]
+    if backend == "io_uring":   # the io_uring backend always makes new files
+        s.write_batch([(k, pool.slot(i)[:REC]) for i, k in enumerate(new)])
+    else:
+        for i, k in enumerate(new):
+            s.write(k, pool.slot(i)[:REC])
+        assert not os.listdir(s.free)                               # both taken
+        assert len(inodes & {s.path(k).stat().st_ino for k in new}) == 2   # written over
+    for i, k in enumerate(new):
+        s.read(k, pool.slot(7), PAYLOAD)
+        assert np.array_equal(pool.slot(7)[:REC], recs[i])
+        assert s.path(k).stat().st_size == REC
+        assert stat.S_IMODE(s.path(k).stat().st_mode) == 0o600
+    assert sorted(i.key for i in s.scan()) == sorted(new)
+    assert not list(s.tmp.iterdir())
+
+
+def test_a_longer_free_file_is_cut_to_the_record(tmp_path, pool, backend):
+    if backend == "io_uring":
+        pytest.skip("the io_uring backend does not reuse free files")
+    s = make(tmp_path / "kv", backend, free_files=4)
+    (s.free / "big").write_bytes(b"\xff" * (3 * REC))
+    k = key(1)
+    rec = fill(pool, 0, k).copy()
+    s.write(k, pool.slot(0)[:REC])
+    assert not os.listdir(s.free)
+    assert s.path(k).read_bytes() == rec.tobytes()
+
+
+def test_free_files_taken_by_someone_else_mean_a_new_file(tmp_path, pool, backend):
+    s = make(tmp_path / "kv", backend, free_files=4)
+    (s.free / "gone").write_bytes(b"x")
+    s._free_names.append("gone")
+    (s.free / "gone").unlink()            # another writer took it first
+    k = key(2)
+    rec = fill(pool, 0, k).copy()
+    s.write(k, pool.slot(0)[:REC])
+    assert s.path(k).read_bytes() == rec.tobytes()
+
+
+def test_free_files_off_unlinks(tmp_path, pool):
+    s = make(tmp_path / "kv", "off")
+    s.write(key(1), fill(pool, 0, key(1)))
+    assert s.remove(key(1)) and not os.listdir(s.free) and not s.remove(key(1))

@@ -7,12 +7,12 @@ import pytest
 from kvtier.storetool import cmd_verify
 from tests.conftest import needs_vllm
 from tests.helpers import FULL_BLOCK_TOKENS, RECORD_BYTES
-from tests.test_e2e_connector import run_rounds
+from tests.test_e2e_connector import TOL, run_rounds
 
 pytestmark = [pytest.mark.e2e, needs_vllm]
 
 
-def test_tp2_spill_reload_and_one_rank_failure(model_dir, tmp_path, monkeypatch):
+def test_tp2_spill_reload_one_rank_failure_and_restart(model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     store = tmp_path / "store"
     # Per-rank records are half the TP=1 size; 60 of them hold < 3 of the 6 prompts,
@@ -25,7 +25,7 @@ def test_tp2_spill_reload_and_one_rank_failure(model_dir, tmp_path, monkeypatch)
     second = {r["prompt"]: r for r in res if r["round"] == 1}
     for i, r in second.items():
         assert r["output"] == first[i]["output"]
-        assert max(abs(a - b) for a, b in zip(r["logprobs"], first[i]["logprobs"])) <= 1e-3
+        assert max(abs(a - b) for a, b in zip(r["logprobs"], first[i]["logprobs"])) <= TOL
     for i in range(6):
         assert second[i]["cached"] >= 0.95 * FULL_BLOCK_TOKENS
     # Rank 1's corrupted record was detected and dropped on every rank, then the
@@ -33,3 +33,13 @@ def test_tp2_spill_reload_and_one_rank_failure(model_dir, tmp_path, monkeypatch)
     assert cmd_verify(store, delete=False, as_json=True) == 0
     for rank in (0, 1):
         assert any(store.glob(f"*/rank{rank}/??/*"))
+
+    # Restart: a new TP=2 engine on the same store serves every prompt from disk
+    # on its first request, with the same outputs.
+    again = run_rounds(model_dir, tmp_path / "restart.json", {
+        "tp": 2, "rounds": 1, "extra": {"dram_bytes": 60 * half, "disk_path": str(store)}})
+    for r in again:
+        assert r["cached"] >= 0.95 * FULL_BLOCK_TOKENS, r["cached"]
+        assert r["output"] == first[r["prompt"]]["output"]
+        assert max(abs(a - b) for a, b in zip(r["logprobs"], first[r["prompt"]]["logprobs"])) \
+            <= TOL

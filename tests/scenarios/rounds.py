@@ -22,13 +22,16 @@ def main():
             kv_connector_extra_config=opts.get("extra", {}))
     llm = LLM(model=model, block_size=32, enforce_eager=True, max_model_len=1024,
               num_gpu_blocks_override=opts.get("gpu_blocks", 56), gpu_memory_utilization=0.2,
-              seed=0, tensor_parallel_size=opts.get("tp", 1), **kw)
+              seed=0, tensor_parallel_size=opts.get("tp", 1), **opts.get("llm", {}), **kw)
     rng = random.Random(opts.get("seed", 0))
     n, length = opts.get("prompts", 6), opts.get("length", 750)
     prompts = [[rng.randrange(0, 256) for _ in range(length)] for _ in range(n)]
     sp = SamplingParams(max_tokens=opts.get("max_tokens", 8), temperature=0, logprobs=3,
                         prompt_logprobs=1, skip_reading_prefix_cache=False,
                         detokenize=False)
+    # Whether vLLM kept its hybrid KV cache manager on (a connector without
+    # SupportsHMA turns it off).
+    hma = not llm.llm_engine.vllm_config.scheduler_config.disable_hybrid_kv_cache_manager
     results = []
     for rnd in range(opts.get("rounds", 2)):
         if rnd == 1 and "corrupt" in opts:
@@ -37,7 +40,7 @@ def main():
             o = llm.generate([{"prompt_token_ids": p}], sp, use_tqdm=False)[0]
             c = o.outputs[0]
             results.append({
-                "round": rnd, "prompt": i, "prompt_tokens": len(p),
+                "round": rnd, "prompt": i, "prompt_tokens": len(p), "hma": hma,
                 "cached": o.num_cached_tokens,
                 "output": list(c.token_ids),
                 "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)],

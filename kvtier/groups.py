@@ -1,0 +1,94 @@
+"""KV cache groups: which layers share a block table, and what a prefix hit
+needs from each.
+
+vLLM's hybrid KV cache manager splits a model's attention layers into groups
+of equal size, one block table per group: full-attention layers keep every
+block of a sequence; sliding-window layers keep only the blocks the window can
+still see (the others become vLLM's *null block*, id 0). kvtier stores one
+record per (prefix block, group): the group's layers for that block, under the
+block's chained key mixed with the group index (``group_key``). A prefix hit
+of blocks ``[start, end)`` needs every full-attention group's records for all
+of them, but a sliding-window group's records only for the last
+``window_blocks`` of them; vLLM allocates null blocks for the rest.
+
+A model without a hybrid cache has one full-attention group, whose keys are
+the plain chained keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+NULL_BLOCK = 0   # vLLM's BlockPool reserves block 0 as the null block
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class KVGroup:
+    index: int
+    layer_names: tuple[str, ...]
+    window_blocks: int | None = None   # None: full attention
+
+    @property
+    def windowed(self) -> bool:
+        return self.window_blocks is not None
+
+    def needed(self, start: int, end: int) -> range:
+        """Blocks of ``[start, end)`` this group must load for a hit ending at ``end``."""
+        if self.window_blocks is None:
+            return range(start, end)
+        return range(max(start, end - self.window_blocks), end)
+
+
+FULL = (KVGroup(0, ()),)   # a model with one full-attention group
+
+
+def group_key(key: bytes, index: int) -> bytes:
+    """The record key of block ``key`` in group ``index`` (group 0: the block key)."""
+    if index == 0:
+        return key
+    return hashlib.blake2b(key + index.to_bytes(2, "little"), digest_size=len(key),
+                           person=b"kvtier-group").digest()
+
+
+def groups_of(kv_cache_config) -> tuple[KVGroup, ...]:
+    """kvtier's view of vLLM's KV cache groups; ValueError for what it cannot serve."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    groups = []
+    block_size = None
+    for i, g in enumerate(kv_cache_config.kv_cache_groups):
+        spec = g.kv_cache_spec
+        kind = type(spec)
+        if kind is FullAttentionSpec:
+            window = None
+        elif kind is SlidingWindowSpec:
+            window = cdiv(spec.sliding_window - 1 + spec.extra_retained_tokens,
+                          spec.block_size) + 1
+        else:
+            raise ValueError(
+                f"kvtier: KV cache group {i} ({len(g.layer_names)} layers) uses "
+                f"{kind.__name__}; kvtier offloads full-attention and sliding-window "
+                "attention only (not Mamba/SSM state, MLA, chunked-local or cross attention)")
+        if block_size is None:
+            block_size = spec.block_size
+        elif spec.block_size != block_size:
+            raise ValueError(f"kvtier: KV cache groups have different block sizes "
+                             f"({block_size} and {spec.block_size}); not supported")
+        groups.append(KVGroup(i, tuple(g.layer_names), window))
+    sizes = {g.kv_cache_spec.page_size_bytes * len(g.layer_names)
+             for g in kv_cache_config.kv_cache_groups}
+    if len(sizes) != 1:
+        raise ValueError(f"kvtier: KV cache groups hold different bytes per block {sorted(sizes)}; "
+                         "not supported")
+    return tuple(groups)
+
+
+def payload_bytes_of(kv_cache_config) -> int:
+    """Bytes of one block of one group (every group has the same)."""
+    group = kv_cache_config.kv_cache_groups[0]
+    return group.kv_cache_spec.page_size_bytes * len(group.layer_names)

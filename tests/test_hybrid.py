@@ -1,0 +1,54 @@
+"""A hybrid-attention model (full + sliding-window layers) on real vLLM with its
+hybrid KV cache manager on: kvtier offloads both KV cache groups and reloads
+them from disk, byte for byte, with outputs equal to recompute.
+
+Bytes, not logprobs: vLLM's CPU attention can give logprobs up to ~0.03 apart
+for byte-identical KV in other pages (see test_e2e_connector.TOL)."""
+
+import pytest
+
+from kvtier.storetool import cmd_verify
+from kvtier.tinymodel import TinyLlama, write_model
+from tests.conftest import needs_vllm
+from tests.helpers import BLOCKS_PER_PROMPT, FULL_BLOCK_TOKENS, RECORD_BYTES, records
+from tests.test_e2e_connector import run_bytecheck
+
+pytestmark = [pytest.mark.e2e, needs_vllm]
+
+# Gemma-2/3 style: full and sliding-window (64-token) layers alternate. vLLM puts
+# them in two KV cache groups of 2 layers each; a group's block is a record of
+# the size of the default 2-layer test model's.
+HYBRID = TinyLlama(num_layers=4, layer_types=("full_attention", "sliding_attention") * 2,
+                   sliding_window=64)
+
+
+@pytest.fixture(scope="module")
+def hybrid_model_dir(tmp_path_factory):
+    return str(write_model(tmp_path_factory.mktemp("hybrid-model"), HYBRID, weights=True))
+
+
+def test_sliding_window_model_reloads_exact_bytes_from_disk(hybrid_model_dir, tmp_path):
+    store, out = tmp_path / "store", tmp_path / "out.json"
+    # The "GPU" holds 100 pages: one 1024-token request needs 32 per group; the
+    # 6 prompts' 2 x 24 pages do not stay. DRAM holds 60 group-blocks (< 2 of the
+    # 6 prompts' 2 x 23): round 2 reads disk.
+    doc = run_bytecheck(hybrid_model_dir, out, {"gpu_blocks": 100, "extra": {
+        "dram_bytes": 60 * RECORD_BYTES, "disk_path": str(store)}})
+    assert doc["hma"], "vLLM turned its hybrid KV cache manager off"
+    assert doc["groups"] == 2
+    # Every reloaded page of either group holds exactly the bytes the forward
+    # computed for that block (full-attention: all 23 blocks; window: the last 2-3).
+    checked = doc["checked"]
+    assert checked["mismatch"] == []
+    assert checked["by_group"]["0"] >= 6 * BLOCKS_PER_PROMPT * 0.95
+    assert checked["by_group"]["1"] >= 6 * 2
+    res = doc["results"]
+    first = {r["prompt"]: r for r in res if r["round"] == 0}
+    assert all(r["cached"] == 0 for r in first.values())
+    for r in (r for r in res if r["round"] == 1):
+        assert r["cached"] >= 0.95 * FULL_BLOCK_TOKENS, r["cached"]
+        assert r["output"] == first[r["prompt"]]["output"]
+    # One record per block per group: the full-attention group's and the window
+    # group's (all of a prompt's blocks were in the window when they were computed).
+    assert len(records(store)) == 6 * BLOCKS_PER_PROMPT * 2
+    assert cmd_verify(store, delete=False, as_json=True) == 0
