@@ -14,6 +14,8 @@ Configurations, in order:
   3. kvtier-nvme   kvtier connector, small DRAM tier + NVMe store
   4. ideal         vLLM prefix caching, KV cache holding the whole working set
   5. example-disk  vLLM's reference disk connector (ExampleConnector)
+  6. vllm-offload  vLLM's native CPU offloading (--kv-offloading-size), GPU only
+  7. lmcache       LMCache CPU offloading, GPU only, when installed
 
 Outputs in ``--out`` (default ``results/compare``): ``compare.json`` (profile,
 per-config summary, timeline, ramp, TTFTs, re-prefill histogram), ``compare.csv``
@@ -153,7 +155,31 @@ CONFIGS = [
          description="vLLM prefix caching, KV cache for the whole working set"),
     dict(name="example-disk", cache="small", kv=_example,
          description="vLLM ExampleConnector (reference disk connector)"),
+    # GPU machines only (vLLM's CPU build runs neither):
+    dict(name="vllm-offload", cache="small", kv=None, needs="cuda",
+         args=lambda p: ["--kv-offloading-size", f"{p.dram_bytes / 2**30:g}",
+                         "--kv-offloading-backend", "native"],
+         description="vLLM native CPU offloading, the same DRAM budget"),
+    dict(name="lmcache", cache="small", kv=None, needs="lmcache",
+         args=lambda p: ["--kv-offloading-size", f"{p.dram_bytes / 2**30:g}",
+                         "--kv-offloading-backend", "lmcache"],
+         description="LMCache CPU offloading, the same DRAM budget"),
 ]
+
+
+def unavailable(cfg: dict) -> str | None:
+    """Why a configuration cannot run on this machine (None: it can)."""
+    import importlib.util
+    need = cfg.get("needs")
+    if need == "cuda":
+        import torch
+        return None if torch.cuda.is_available() else "needs a CUDA GPU"
+    if need == "lmcache":
+        if importlib.util.find_spec("lmcache") is None:
+            return "lmcache is not installed"
+        import torch
+        return None if torch.cuda.is_available() else "needs a CUDA GPU"
+    return None
 
 
 # --------------------------------------------------------------------------- server
@@ -164,16 +190,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_cmd(p: Profile, cfg: dict, model_dir: Path, port: int, work: Path) -> list[str]:
+def server_cmd(p: Profile, cfg: dict, model_dir: Path, port: int, work: Path,
+               real_weights: bool = False) -> list[str]:
     blocks = p.big_cache_blocks if cfg["cache"] == "big" else p.small_cache_blocks
     cmd = [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--served-model-name", MODEL_NAME, "--port", str(port), "--host", "127.0.0.1",
-           "--load-format", "dummy", "--block-size", str(p.block_size),
+           *([] if real_weights else ["--load-format", "dummy"]),
+           "--block-size", str(p.block_size),
            "--max-model-len", str(p.max_model_len), "--gpu-memory-utilization", "0.3",
            "--enforce-eager", "--num-gpu-blocks-override", str(blocks),
            "--enable-prompt-tokens-details"]
     if cfg["kv"] is not None:
         cmd += ["--kv-transfer-config", json.dumps(cfg["kv"](p, work))]
+    if "args" in cfg:
+        cmd += cfg["args"](p)
     return cmd
 
 
@@ -241,7 +271,7 @@ def run_config(cfg: dict, p: Profile, args, model_dir: Path, out: Path) -> dict:
     work.mkdir(parents=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = server_cmd(p, cfg, model_dir, port, work)
+    cmd = server_cmd(p, cfg, model_dir, port, work, real_weights=bool(args.model))
     rec = {"name": cfg["name"], "description": cfg["description"], "status": "failed",
            "cache_blocks": p.big_cache_blocks if cfg["cache"] == "big" else p.small_cache_blocks,
            "server_cmd": cmd, "log": str(out / "logs" / f"{cfg['name']}.log")}
@@ -451,11 +481,14 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "results" / "compare"))
     ap.add_argument("--smoke", action="store_true", help="tiny scale, a couple of minutes")
-    ap.add_argument("--configs", default=",".join(c["name"] for c in CONFIGS),
-                    help="comma-separated subset, run in table order")
+    ap.add_argument("--configs", default=None,
+                    help="comma-separated subset, run in table order (default: all that "
+                         "this machine can run)")
     ap.add_argument("--trace-dir", default=str(DEFAULT_TRACES))
     ap.add_argument("--synthetic", action="store_true", help="swarm instead of trace replay")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", help="a real model (path or name) with its weights instead of "
+                    "the generated dummy-weight Llama, e.g. on a GPU machine")
     ap.add_argument("--duration", type=float, help="override the load duration per config (s)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                     help="override a Profile field, e.g. --set users=4 --set ramp_step=0")
@@ -476,6 +509,8 @@ def make_profile(args) -> Profile:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.configs is None:
+        args.configs = ",".join(c["name"] for c in CONFIGS)
     p = make_profile(args)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = set(names) - {c["name"] for c in CONFIGS}
@@ -487,15 +522,23 @@ def main(argv=None) -> int:
         (out / d).mkdir(parents=True, exist_ok=True)
 
     from kvtier.tinymodel import TinyLlama, write_model
-    model_dir = write_model(out / "model", TinyLlama(**p.model,
-                                                     max_position_embeddings=p.max_model_len))
+    model_dir = args.model or write_model(out / "model", TinyLlama(
+        **p.model, max_position_embeddings=p.max_model_len))
     wl = workload(p, args)
     log(f"[compare] profile: {dataclasses.asdict(p)}")
     log(f"[compare] workload: {wl.describe()}; small cache {p.small_cache_blocks} blocks of "
         f"{p.block_size}, big {p.big_cache_blocks}")
 
     t0 = time.monotonic()
-    recs = [run_config(c, p, args, model_dir, out) for c in CONFIGS if c["name"] in names]
+    recs = []
+    for c in CONFIGS:
+        if c["name"] not in names:
+            continue
+        why = unavailable(c)
+        if why:
+            log(f"[compare] {c['name']}: skipped ({why})")
+            continue
+        recs.append(run_config(c, p, args, model_dir, out))
     head = headline(recs, p, out)
     head["wall_s"] = round(time.monotonic() - t0, 1)
     doc = {"profile": dataclasses.asdict(p), "server_env": SERVER_ENV, "workload": wl.describe(),
