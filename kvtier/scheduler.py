@@ -447,6 +447,8 @@ class KVTierScheduler:
                    len(request.all_token_ids))
         if not self.cfg.store_decode_tokens:
             done = min(done, request.num_prompt_tokens)
+        if len(st.block_ids) != len(self.groups):
+            return   # no block table from vLLM yet
         n_full = min([done // self.block_size] + [len(ids) for ids in st.block_ids])
         if n_full <= st.handled_blocks:
             return
