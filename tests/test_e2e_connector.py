@@ -29,24 +29,25 @@ SCENARIOS = Path(__file__).parent / "scenarios"
 TOL = 0.05
 
 
-def run_bytecheck(model_dir: str, out: Path, opts: dict) -> dict:
-    """tests/scenarios/bytecheck.py: two rounds in-process, reloaded pages compared
-    byte for byte with the pages the storing forward wrote."""
+def run_scenario(script: str, model_dir: str, out: Path, opts: dict):
+    """Run tests/scenarios/<script> in its own process; its JSON output."""
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run([sys.executable, str(SCENARIOS / "bytecheck.py"), model_dir, str(out),
+    proc = subprocess.run([sys.executable, str(SCENARIOS / script), model_dir, str(out),
                            json.dumps(opts)], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+def run_bytecheck(model_dir: str, out: Path, opts: dict) -> dict:
+    """Two rounds in-process, reloaded pages compared byte for byte with the pages
+    the storing forward wrote (scenarios/bytecheck.py)."""
+    return run_scenario("bytecheck.py", model_dir, out, opts)
 
 
 def run_rounds(model_dir: str, out: Path, opts: dict) -> list[dict]:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run([sys.executable, str(SCENARIOS / "rounds.py"), model_dir, str(out),
-                           json.dumps(opts)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    """Two rounds of the same prompts, per-request results (scenarios/rounds.py)."""
+    return run_scenario("rounds.py", model_dir, out, opts)
 
 
 @pytest.fixture(scope="module")

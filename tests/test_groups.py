@@ -107,6 +107,17 @@ def put(s, key):
 TOKENS = list(range(20 * BS + 5))   # 20 full blocks; hits can cover blocks 0..19
 
 
+def filled(window_blocks=(17, 18, 19)):
+    """A scheduler holding all 20 blocks of the full group, ``window_blocks`` of
+    the window group; and the blocks' keys."""
+    s, keys = scheduler(), keys_of(TOKENS)
+    for i in range(20):
+        put(s, group_key(keys[i], 0))
+    for i in window_blocks:
+        put(s, group_key(keys[i], 1))
+    return s, keys
+
+
 def test_hit_needs_every_full_block_but_only_the_window_blocks():
     s = scheduler()
     keys = keys_of(TOKENS)
@@ -122,28 +133,16 @@ def test_hit_needs_every_full_block_but_only_the_window_blocks():
 
 
 def test_hit_ends_where_the_window_group_has_its_blocks():
-    s = scheduler()
-    keys = keys_of(TOKENS)
-    for i in range(20):
-        put(s, group_key(keys[i], 0))
-    for i in (9, 10, 11, 12, 19):     # a gap at 13..18: the window is whole only up to 13
-        put(s, group_key(keys[i], 1))
+    s, keys = filled((9, 10, 11, 12, 19))   # a gap at 13..18: the window is whole up to 13
     n, _ = s.get_num_new_matched_tokens(request(TOKENS), 0)
     assert n == 13 * BS
     # nothing of the window group: no hit at all (a hit of a full group alone is wrong KV)
-    s2 = scheduler()
-    for i in range(20):
-        put(s2, group_key(keys[i], 0))
+    s2, _ = filled(())
     assert s2.get_num_new_matched_tokens(request(TOKENS), 0) == (0, False)
 
 
 def test_loads_skip_the_null_blocks_vllm_gives_out_of_window_pages():
-    s = scheduler()
-    keys = keys_of(TOKENS)
-    for i in range(20):
-        put(s, group_key(keys[i], 0))
-    for i in (17, 18, 19):
-        put(s, group_key(keys[i], 1))
+    s, keys = filled()
     req = request(TOKENS)
     s.get_num_new_matched_tokens(req, 0)
     full_ids = list(range(100, 121))
@@ -158,12 +157,7 @@ def test_loads_skip_the_null_blocks_vllm_gives_out_of_window_pages():
 
 
 def test_fewer_tokens_accepted_fails_window_pages_the_hit_did_not_cover():
-    s = scheduler()
-    keys = keys_of(TOKENS)
-    for i in range(20):
-        put(s, group_key(keys[i], 0))
-    for i in (17, 18, 19):
-        put(s, group_key(keys[i], 1))
+    s, keys = filled()
     req = request(TOKENS)
     s.get_num_new_matched_tokens(req, 0)
     # vLLM takes 18 blocks only: its window pages are blocks 15..17
