@@ -22,7 +22,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.config import KVTierConfig
-from kvtier.groups import groups_of, payload_bytes_of
+from kvtier.groups import KVGroup, groups_of, payload_bytes_of
 from kvtier.keys import Namespace
 from kvtier.metadata import KVTierMetadata
 from kvtier.metrics import KVTierPromMetrics, KVTierStats
@@ -38,12 +38,12 @@ log = logging.getLogger("vllm.kvtier")
 _SOURCES = {"dram": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
 
 
-def namespace_of(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig") -> Namespace:
+def namespace_of(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig",
+                 groups: tuple[KVGroup, ...]) -> Namespace:
     """What makes two records interchangeable. A hybrid model's records hold one
     KV cache group's layers: its group structure is part of the namespace (the
     same model with the hybrid manager off has one group of every layer)."""
     mc, cc = vllm_config.model_config, vllm_config.cache_config
-    groups = groups_of(kv_cache_config)
     extra = ""
     if len(groups) > 1 or groups[0].windowed:
         extra = "groups=" + ";".join(f"{len(g.layer_names)}:{g.window_blocks or 'full'}"
@@ -59,15 +59,17 @@ def namespace_of(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig") ->
     )
 
 
-def check_supported(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig") -> None:
-    """Fail at start-up, clearly, on combinations kvtier does not handle."""
+def check_supported(vllm_config: "VllmConfig",
+                    kv_cache_config: "KVCacheConfig") -> tuple[KVGroup, ...]:
+    """Fail at start-up, clearly, on combinations kvtier does not handle; the KV
+    cache groups kvtier serves otherwise."""
     pc = vllm_config.parallel_config
     if pc.pipeline_parallel_size > 1:
         raise ValueError("kvtier: pipeline parallelism is not supported "
                          f"(pipeline_parallel_size={pc.pipeline_parallel_size}); use TP only")
     if not vllm_config.cache_config.enable_prefix_caching:
         raise ValueError("kvtier needs prefix caching: remove --no-enable-prefix-caching")
-    groups_of(kv_cache_config)   # raises for KV cache groups kvtier cannot serve
+    return groups_of(kv_cache_config)   # raises for KV cache groups kvtier cannot serve
 
 
 class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
@@ -86,14 +88,13 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
         super().__init__(vllm_config, role, kv_cache_config)
         tc = self._kv_transfer_config
         self.cfg = KVTierConfig.from_extra_config(tc.kv_connector_extra_config)
-        check_supported(vllm_config, kv_cache_config)
+        self.groups = check_supported(vllm_config, kv_cache_config)
         # kvtier is a cache: a failed load is a miss to recompute, never a failed request.
         if tc.kv_load_failure_policy != "recompute":
             tc.kv_load_failure_policy = "recompute"
-        ns = namespace_of(vllm_config, kv_cache_config)
+        ns = namespace_of(vllm_config, kv_cache_config, self.groups)
         self.namespace = ns
         self.tp_size = ns.tp_size
-        self.groups = groups_of(kv_cache_config)
         geometry = SlotGeometry.plan(payload_bytes_of(kv_cache_config), self.cfg.dram_bytes)
         self.scheduler = None
         self.worker = None

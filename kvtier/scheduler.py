@@ -103,7 +103,6 @@ class KVTierScheduler:
         self.clock = clock
         self.stats = StatsRecorder()
         self.recovered_blocks = 0
-        self.recovered_expired = 0
         self.cost = LoadCostModel()
         self._step: tuple[float, int] | None = None   # (start, prompt tokens) of this step
         self._lock = threading.RLock()
@@ -211,7 +210,6 @@ class KVTierScheduler:
             if paused:
                 gc.enable()
         self.recovered_blocks = len(self.disk)
-        self.recovered_expired = expired
         self.disk.stats.evictions[EVICT_TTL] += expired   # expired while the server was down
         for s in self.rank_stores:
             s.sweep_temp()
@@ -457,10 +455,8 @@ class KVTierScheduler:
         for i in range(st.handled_blocks, n_full):
             for g in self.groups:
                 block = st.block_ids[g.index][i]
-                if g.windowed:
-                    if block == NULL_BLOCK:   # left the window before it could be stored
-                        continue
-                    self._flush_next = True   # it may leave the window next step
+                if g.windowed and block == NULL_BLOCK:   # left the window before it was stored
+                    continue
                 key = group_key(keys[i], g.index)
                 if self._touch(key, now):
                     continue
@@ -477,6 +473,8 @@ class KVTierScheduler:
                     else:
                         self.stats.inc("kvtier_skipped_stores_total", reason="disk_full")
                 items.append(StoreItem(key, block, slot, to_disk, g.index))
+                if g.windowed:
+                    self._flush_next = True   # the page may leave the window next step
         st.handled_blocks = n_full
         if items:
             job = self._next_job

@@ -336,13 +336,14 @@ class DiskStore:
             except OSError:   # taken by another writer: a new file
                 tmp.unlink(missing_ok=True)
                 fd = None
+        reused = fd is not None
         if fd is None:
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | direct, 0o600)
         try:
             done = 0
             while done < len(view):
                 done += os.pwrite(fd, view[done:], done)
-            if os.fstat(fd).st_size > len(view):
+            if reused and os.fstat(fd).st_size > len(view):
                 os.ftruncate(fd, len(view))
             if self.fsync:
                 os.fsync(fd)

@@ -51,8 +51,7 @@ class KVTierWorker:
         self.geometry = geometry
         self.layout: KVLayout | None = None
         self.pool: HostPool | None = None
-        self.engine = None   # the first group's (every group's: self.engines)
-        self.engines: list = []
+        self.engines: list = []   # one copy engine per KV cache group
         self.store: DiskStore | None = None
         self.cuda = False
 
@@ -93,7 +92,6 @@ class KVTierWorker:
                 self.pool = HostPool(self.geometry.num_slots, self.geometry.slot_bytes,
                                      pin=self.cuda)
             self.engines.append(make_copy_engine(layout, sub, self.pool, HEADER_BYTES))
-        self.engine = self.engines[0]
         if self.cfg.disk_enabled:
             self.store = DiskStore(self.cfg.disk_path, self.namespace, self.rank, self.tp_size,
                                    o_direct=self.cfg.o_direct, fsync=self.cfg.fsync)
@@ -104,7 +102,7 @@ class KVTierWorker:
         self._io = ThreadPoolExecutor(self.cfg.io_threads, thread_name_prefix="kvtier-io")
         log.info("kvtier worker rank %d: %d DRAM slots x %d B (%s engine), disk: %s%s",
                  self.rank, self.geometry.num_slots, self.geometry.slot_bytes,
-                 getattr(self.engine, "name", "?"),
+                 getattr(self.engines[0], "name", "?"),
                  self.store.dir if self.store else "off",
                  " (O_DIRECT)" if self.store and self.store.o_direct else "")
 
@@ -115,7 +113,7 @@ class KVTierWorker:
 
     def submit_stores(self, meta: KVTierMetadata) -> None:
         """After the forward: queue the step's newly full blocks for offload."""
-        if not meta.stores or self.engine is None:
+        if not meta.stores or not self.engines:
             return
         fence = torch.cuda.current_stream().record_event() if self.cuda else None
         with self._lock:

@@ -141,15 +141,22 @@ def test_hit_ends_where_the_window_group_has_its_blocks():
     assert s2.get_num_new_matched_tokens(request(TOKENS), 0) == (0, False)
 
 
-def test_loads_skip_the_null_blocks_vllm_gives_out_of_window_pages():
-    s, keys = filled()
+def load_items(s, accepted: int, window_from: int):
+    """Look the request up, then let vLLM take ``accepted`` blocks of the hit: full
+    group pages 100.., window group pages 200+i from block ``window_from`` on (null
+    before). The request and the load plan's items."""
     req = request(TOKENS)
     s.get_num_new_matched_tokens(req, 0)
-    full_ids = list(range(100, 121))
-    window_ids = [NULL_BLOCK] * 17 + [217, 218, 219, 220]
+    full_ids = list(range(100, 100 + accepted + 1))
+    window_ids = [NULL_BLOCK] * window_from + list(range(200 + window_from, 200 + accepted + 1))
     blocks = SimpleNamespace(get_block_ids=lambda: (full_ids, window_ids))
-    s.update_state_after_alloc(req, blocks, 20 * BS)
-    items = s._new_loads[0].items
+    s.update_state_after_alloc(req, blocks, accepted * BS)
+    return req, s._new_loads[0].items
+
+
+def test_loads_skip_the_null_blocks_vllm_gives_out_of_window_pages():
+    s, keys = filled()
+    req, items = load_items(s, 20, window_from=17)
     assert sorted((it.group, it.block) for it in items) == \
         sorted([(0, 100 + i) for i in range(20)] + [(1, 217), (1, 218), (1, 219)])
     assert all(it.slot >= 0 for it in items)
@@ -158,14 +165,8 @@ def test_loads_skip_the_null_blocks_vllm_gives_out_of_window_pages():
 
 def test_fewer_tokens_accepted_fails_window_pages_the_hit_did_not_cover():
     s, keys = filled()
-    req = request(TOKENS)
-    s.get_num_new_matched_tokens(req, 0)
     # vLLM takes 18 blocks only: its window pages are blocks 15..17
-    full_ids = list(range(100, 119))
-    window_ids = [NULL_BLOCK] * 15 + [215, 216, 217, 218]
-    blocks = SimpleNamespace(get_block_ids=lambda: (full_ids, window_ids))
-    s.update_state_after_alloc(req, blocks, 18 * BS)
-    items = s._new_loads[0].items
+    _, items = load_items(s, 18, window_from=15)
     loaded = {(it.group, it.block) for it in items if it.slot >= 0}
     failed = {(it.group, it.block) for it in items if it.slot < 0}
     assert loaded == {(0, 100 + i) for i in range(18)} | {(1, 217)}
