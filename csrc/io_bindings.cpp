@@ -24,21 +24,9 @@ namespace {
 using WriteTuple = std::tuple<std::string, std::string, uint64_t, uint64_t, bool, std::string>;
 using ReadTuple = std::tuple<std::string, uint64_t, uint64_t, bool, uint64_t, uint64_t>;
 
-IoBackend parse_backend(const std::string& s) {
-  if (s == "auto") return IoBackend::Auto;
-  if (s == "threads") return IoBackend::Threads;
-  if (s == "io_uring") return IoBackend::Uring;
-  throw std::invalid_argument("backend must be 'auto', 'threads' or 'io_uring', got '" + s + "'");
-}
-
 }  // namespace
 
 void bind_io(nb::module_& m) {
-  std::string why;
-  const bool uring = uring_available(&why);
-  m.attr("io_uring_available") = uring;
-  m.attr("io_uring_unavailable_reason") = uring ? std::string() : why;
-
   m.def(
       "scan_records",
       [](const std::string& dir, int key_bytes, int threads) {
@@ -55,14 +43,14 @@ void bind_io(nb::module_& m) {
       "files named by 2*key_bytes lowercase hex digits in two-hex-digit shard directories.");
 
   nb::class_<IoEngine>(m, "IoEngine",
-                       "Batched disk record I/O (threads of pread/pwrite, or io_uring).")
+                       "Batched disk record I/O (a thread pool of pread/pwrite).")
       .def(
           "__init__",
-          [](IoEngine* self, int threads, const std::string& backend, int queue_depth) {
+          [](IoEngine* self, int threads) {
             if (threads < 1) throw std::invalid_argument("threads must be >= 1");
-            new (self) IoEngine(threads, parse_backend(backend), queue_depth);
+            new (self) IoEngine(threads);
           },
-          "threads"_a, "backend"_a = "auto", "queue_depth"_a = 0)
+          "threads"_a)
       .def(
           "write_records",
           [](IoEngine& e, const std::vector<WriteTuple>& items, bool fsync) {
@@ -76,7 +64,7 @@ void bind_io(nb::module_& m) {
           },
           "items"_a, "fsync"_a,
           "items: [(tmp_path, final_path, addr, len, o_direct, reuse_path)]. Publishes each "
-          "record atomically (write tmp, [fsync], rename); reuse_path (or ''): a free file "
+          "record atomically (write tmp, [fsync], rename, [fsync the directory]); reuse_path (or ''): a free file "
           "to rename to tmp and write over. Returns an errno per item (0: ok).")
       .def(
           "read_records",
@@ -103,9 +91,7 @@ void bind_io(nb::module_& m) {
           "[(errno, bytes_read, file_size, digest)]: bytes_read 0 when the file is shorter "
           "than len (not read); digest the xxh3-64 of [addr + digest_off, + digest_len) "
           "after a complete read (None otherwise, or when digest_len is 0).")
-      .def_prop_ro("backend", [](const IoEngine& e) { return std::string(e.backend_name()); })
-      .def_prop_ro("threads", &IoEngine::threads)
-      .def_prop_ro("queue_depth", &IoEngine::queue_depth);
+      .def_prop_ro("threads", &IoEngine::threads);
 }
 
 }  // namespace kvtier

@@ -71,6 +71,15 @@ int open_tmp(const WriteItem& it, bool* reused) {
   return ::open(it.tmp.c_str(), open_flags_write(it.direct), 0600);
 }
 
+// fsync of a directory: makes a rename in it durable.
+int fsync_dir(const std::string& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return errno;
+  const int err = ::fsync(fd) != 0 ? errno : 0;
+  ::close(fd);
+  return err;
+}
+
 int write_record_sync(const WriteItem& it, bool fsync) {
   bool reused = false;
   const int fd = open_tmp(it, &reused);
@@ -83,8 +92,12 @@ int write_record_sync(const WriteItem& it, bool fsync) {
   if (err == 0 && fsync && ::fsync(fd) != 0) err = errno;
   if (::close(fd) != 0 && err == 0 && errno != EINTR) err = errno;
   if (err == 0) err = publish(it.tmp, it.final);
-  if (err != 0) ::unlink(it.tmp.c_str());
-  return err;
+  if (err != 0) {
+    ::unlink(it.tmp.c_str());
+    return err;
+  }
+  // fsync: the record survives power loss only once its name does too.
+  return fsync ? fsync_dir(parent_dir(it.final)) : 0;
 }
 
 ReadResult read_record_sync(const ReadItem& it) {
@@ -208,20 +221,10 @@ void IoPool::worker() {
 
 // ---------------------------------------------------------------- IoEngine
 
-IoEngine::IoEngine(int threads, IoBackend backend, int queue_depth)
-    : pool_(threads), queue_depth_(queue_depth > 0 ? queue_depth : 2 * std::max(1, threads)) {
-  if (backend == IoBackend::Threads) return;
-  std::string why;
-  uring_ = uring_available(&why);
-  if (!uring_ && backend == IoBackend::Uring)
-    throw std::runtime_error("io_uring backend unavailable: " + why);
-}
+IoEngine::IoEngine(int threads) : pool_(threads) {}
 
 std::vector<int> IoEngine::write_records(const std::vector<WriteItem>& items, bool fsync) {
   std::vector<int> out(items.size(), 0);
-  // One item: plain system calls on this thread beat a ring's set-up.
-  if (uring_ && items.size() > 1 && uring_write_records(items, fsync, queue_depth_, &out))
-    return out;
   pool_.run(static_cast<int64_t>(items.size()),
             [&](int64_t i) { out[i] = write_record_sync(items[i], fsync); });
   return out;
@@ -229,7 +232,6 @@ std::vector<int> IoEngine::write_records(const std::vector<WriteItem>& items, bo
 
 std::vector<ReadResult> IoEngine::read_records(const std::vector<ReadItem>& items) {
   std::vector<ReadResult> out(items.size());
-  if (uring_ && items.size() > 1 && uring_read_records(items, queue_depth_, &out)) return out;
   pool_.run(static_cast<int64_t>(items.size()),
             [&](int64_t i) { out[i] = read_record_sync(items[i]); });
   return out;

@@ -23,7 +23,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.config import KVTierConfig
 from kvtier.groups import KVGroup, groups_of, payload_bytes_of
-from kvtier.keys import Namespace
+from kvtier.namespace import namespace_of
 from kvtier.metadata import KVTierMetadata
 from kvtier.metrics import KVTierPromMetrics, KVTierStats
 from kvtier.slots import SlotGeometry
@@ -36,27 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("vllm.kvtier")
 
 _SOURCES = {"dram": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
-
-
-def namespace_of(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig",
-                 groups: tuple[KVGroup, ...]) -> Namespace:
-    """What makes two records interchangeable. A hybrid model's records hold one
-    KV cache group's layers: its group structure is part of the namespace (the
-    same model with the hybrid manager off has one group of every layer)."""
-    mc, cc = vllm_config.model_config, vllm_config.cache_config
-    extra = ""
-    if len(groups) > 1 or groups[0].windowed:
-        extra = "groups=" + ";".join(f"{len(g.layer_names)}:{g.window_blocks or 'full'}"
-                                     for g in groups)
-    kv_dtype = cc.cache_dtype if cc.cache_dtype != "auto" else str(mc.dtype).replace("torch.", "")
-    return Namespace(
-        model=f"{mc.model}@{mc.revision or ''}",
-        kv_dtype=kv_dtype,
-        layout=str(kv_cache_config.kv_cache_layout or "default"),
-        block_size=kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size,
-        tp_size=vllm_config.parallel_config.tensor_parallel_size,
-        extra=extra,
-    )
 
 
 def check_supported(vllm_config: "VllmConfig",

@@ -127,6 +127,10 @@ class HostPool:
             err = torch.cuda.cudart().cudaHostRegister(self.base_ptr, nbytes, 0)
             self.pinned = int(err) == 0
 
+    def prefault(self) -> None:
+        """Touch every page now (the kernel maps anonymous memory on first write)."""
+        self.array[::PAGE] = 0
+
     def slot(self, i: int) -> np.ndarray:
         return self.array[i * self.slot_bytes:(i + 1) * self.slot_bytes]
 

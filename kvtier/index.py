@@ -87,6 +87,14 @@ class Tier:
             return None
         return entry
 
+    def live(self, key: Hashable, now: float) -> Entry | None:
+        """The entry for ``key`` unless absent or expired; changes nothing (the
+        hot path of lookups: expired entries go in ``get``/``expire``)."""
+        entry = self._entries.get(key)
+        if entry is None or (entry.pins == 0 and now - entry.last_use >= self.ttl):
+            return None
+        return entry
+
     def peek(self, key: Hashable) -> Entry | None:
         return self._entries.get(key)
 
@@ -131,8 +139,9 @@ class Tier:
         return True
 
     def add(self, key: Hashable, size: int, now: float, value: Any = None,
-            pinned: bool = False) -> Entry | None:
-        """Insert (or refresh) ``key``; None when no room can be made."""
+            pinned: bool = False, evict: bool = True) -> Entry | None:
+        """Insert (or refresh) ``key``; None when no room can be made (``evict=False``:
+        when it does not fit as things are)."""
         now = self._advance(now)
         entry = self._entries.get(key)
         if entry is not None:
@@ -141,7 +150,8 @@ class Tier:
             if pinned:
                 entry.pins += 1
             return entry
-        if not self.make_room(size, now):
+        fits = self.make_room(size, now) if evict else self.used + size <= self.capacity
+        if not fits:
             self.stats.rejected += 1
             return None
         entry = Entry(size=size, last_use=now, pins=1 if pinned else 0, value=value)
@@ -153,6 +163,14 @@ class Tier:
     def discard(self, key: Hashable, cause: str = EVICT_DROPPED) -> None:
         if key in self._entries:
             self._remove(key, cause)
+
+    def detach(self, key: Hashable, cause: str = EVICT_DROPPED) -> Entry:
+        """Take ``key`` out of the tier, pinned or not, without the eviction hook: the
+        caller now owns what the entry held (and accounts for it)."""
+        entry = self._entries.pop(key)
+        self.used -= entry.size
+        self.stats.evictions[cause] = self.stats.evictions.get(cause, 0) + 1
+        return entry
 
     def expire(self, now: float) -> int:
         """Drop unpinned entries idle for >= ttl. Cost: O(expired + pinned at the head)."""
@@ -199,15 +217,18 @@ class LoadCostModel:
 
     Load bandwidth per tier comes from the workers' timings of real loads;
     the prefill rate from the engine's own steps (prompt tokens per second of
-    step time). Until a side has been measured, loads are taken. A declined tier
-    gets a probe load every ``probe_every_s`` so a recovered disk is noticed.
+    step time). Until a tier has ``min_samples`` load timings (the first ones
+    pay one-time costs), loads are taken. A declined tier gets a probe load
+    every ``probe_every_s`` so a recovered disk is noticed.
     """
 
-    def __init__(self, alpha: float = 0.3, probe_every_s: float = 30.0,
-                 fixed_cost_s: float = 0.0):
+    def __init__(self, alpha: float = 0.3, probe_every_s: float = 5.0,
+                 fixed_cost_s: float = 0.0, min_samples: int = 3):
         self.alpha = alpha
         self.probe_every_s = probe_every_s
         self.fixed_cost_s = fixed_cost_s
+        self.min_samples = min_samples
+        self.samples: dict[str, int] = {}
         self.bandwidth: dict[str, float] = {}     # tier -> bytes/s
         self.prefill_rate: float | None = None    # tokens/s
         self._last_load: dict[str, float] = {}    # tier -> time of last taken load
@@ -218,6 +239,7 @@ class LoadCostModel:
     def observe_load(self, tier: str, nbytes: int, seconds: float) -> None:
         if nbytes > 0 and seconds > 0:
             self.bandwidth[tier] = self._ewma(self.bandwidth.get(tier), nbytes / seconds)
+            self.samples[tier] = self.samples.get(tier, 0) + 1
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
@@ -229,7 +251,8 @@ class LoadCostModel:
 
     def worth_loading(self, tier: str, nbytes: int, tokens: int, now: float) -> bool:
         load = self.load_seconds(tier, nbytes)
-        if load is None or self.prefill_rate is None:
+        if load is None or self.prefill_rate is None \
+                or self.samples.get(tier, 0) < self.min_samples:
             ok = True
         else:
             ok = load <= tokens / self.prefill_rate

@@ -2,11 +2,13 @@
 
 Scheduler -> workers (``KVTierMetadata``, once per step): which GPU blocks to
 copy into which DRAM slots (stores), which slots or records to bring back into
-which GPU blocks (loads). Workers never decide; they move bytes.
+which GPU blocks (loads), which finished requests wait for their copies.
+Workers never decide; they move bytes and report what happened.
 
 Workers -> scheduler (``KVTierWorkerMeta``, once per step, summed over ranks by
-``aggregate``): which store jobs reached DRAM, which records reached disk,
-which keys failed to load. The scheduler acts once every rank has answered.
+``aggregate``): per store job, per record write, per staged read, how many
+ranks succeeded or failed. The scheduler acts on a thing once every rank has
+answered for it (kvtier.scheduler, kvtier.ledger).
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-NO_SLOT = -1
+from kvtier.ledger import NO_SLOT
+
+__all__ = ["NO_SLOT", "StoreItem", "LoadItem", "StoreJob", "LoadJob", "KVTierMetadata",
+           "KVTierWorkerMeta", "FROM_SLOT", "READ", "STREAM"]
+
+# How a load item gets its bytes.
+FROM_SLOT = 0   # the slot holds them (READY), or a read in flight fills it (join)
+READ = 1        # read the record into the slot (a staging block), then scatter
+STREAM = 2      # read into a scratch slot of the job, scatter, reuse the slot
 
 
 class StoreItem(NamedTuple):
@@ -28,13 +38,14 @@ class StoreItem(NamedTuple):
     slot: int       # DRAM slot (destination)
     to_disk: bool   # write the slot through to the disk tier afterwards
     group: int = 0  # KV cache group (kvtier.groups): which layers
+    reuse: bytes | None = None   # to_disk: the evicted key whose file this write takes over
 
 
 class LoadItem(NamedTuple):
     key: bytes
     block: int      # GPU block id (destination)
-    slot: int       # DRAM slot: holds the block, or stages it from disk; NO_SLOT = fail
-    from_disk: bool
+    slot: int       # DRAM slot; NO_SLOT: no bytes for this block (fail it: recompute)
+    kind: int       # FROM_SLOT, READ or STREAM
     group: int = 0  # KV cache group (kvtier.groups): which layers
 
 
@@ -59,6 +70,9 @@ class KVTierMetadata(KVConnectorMetadata):
     # window blocks that left the window): in-flight reads of GPU blocks must
     # finish before the forward can overwrite them.
     flush_gathers: bool = False
+    # Finished requests whose blocks vLLM keeps until this worker reports them
+    # in finished_sending (their store copies may still read them).
+    await_sending: set[str] = field(default_factory=set)
 
 
 def _add(a: dict, b: dict) -> dict:
@@ -68,29 +82,29 @@ def _add(a: dict, b: dict) -> dict:
     return out
 
 
+_COUNTS = ("stored", "store_failed", "written", "write_failed", "staged", "stage_failed",
+           "bad_records", "fail_reasons")
+
+
 @dataclass
 class KVTierWorkerMeta(KVConnectorWorkerMetadata):
-    stored: dict[int, int] = field(default_factory=dict)         # job id -> ranks done
-    store_failed: dict[int, int] = field(default_factory=dict)   # job id -> ranks failed
-    written: dict[bytes, int] = field(default_factory=dict)      # key -> ranks published
+    stored: dict[int, int] = field(default_factory=dict)          # job id -> ranks done
+    store_failed: dict[int, int] = field(default_factory=dict)    # job id -> ranks failed
+    written: dict[bytes, int] = field(default_factory=dict)       # key -> ranks published
     write_failed: dict[bytes, int] = field(default_factory=dict)  # key -> ranks failed
-    load_failed: dict[bytes, int] = field(default_factory=dict)   # key -> ranks failed
+    staged: dict[bytes, int] = field(default_factory=dict)        # key -> ranks read (READ)
+    stage_failed: dict[bytes, int] = field(default_factory=dict)  # key -> ranks failed
+    bad_records: dict[bytes, int] = field(default_factory=dict)   # key -> ranks: record proven bad
     # Per-rank observations for the load-vs-recompute model: (tier, bytes, seconds).
     load_timings: list[tuple[str, int, float]] = field(default_factory=list)
-    fail_reasons: dict[str, int] = field(default_factory=dict)   # e.g. "checksum" -> n
+    fail_reasons: dict[str, int] = field(default_factory=dict)    # e.g. "checksum" -> n
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> "KVTierWorkerMeta":
         assert isinstance(other, KVTierWorkerMeta)
-        return KVTierWorkerMeta(
-            stored=_add(self.stored, other.stored),
-            store_failed=_add(self.store_failed, other.store_failed),
-            written=_add(self.written, other.written),
-            write_failed=_add(self.write_failed, other.write_failed),
-            load_failed=_add(self.load_failed, other.load_failed),
-            load_timings=self.load_timings + other.load_timings,
-            fail_reasons=_add(self.fail_reasons, other.fail_reasons),
-        )
+        out = KVTierWorkerMeta(load_timings=self.load_timings + other.load_timings)
+        for name in _COUNTS:
+            setattr(out, name, _add(getattr(self, name), getattr(other, name)))
+        return out
 
     def empty(self) -> bool:
-        return not (self.stored or self.store_failed or self.written or self.write_failed or self.load_failed
-                    or self.load_timings or self.fail_reasons)
+        return not (self.load_timings or any(getattr(self, n) for n in _COUNTS))

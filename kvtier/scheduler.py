@@ -1,25 +1,29 @@
-"""Scheduler side: decides what to store, what to load, from which tier.
+"""Scheduler side: turns vLLM's scheduling decisions into work for the workers.
 
-It keeps each request's chained block keys, a DRAM tier (entries own a DRAM
-slot) and a disk tier (entries are records on disk, all ranks), and turns
-vLLM's scheduling decisions into ``KVTierMetadata`` for the workers:
+It keeps each request's chained block keys and asks the ledger
+(kvtier.ledger, the single source of truth for block state) what to do:
 
 - lookup (``get_num_new_matched_tokens``): the longest run of blocks after
-  vLLM's local hit that is ready in DRAM or on disk; loaded asynchronously;
+  vLLM's local hit that the ledger can serve, from DRAM (ready, or being read
+  from disk for another request: the load joins that read) or from disk; the
+  blocks are pinned until vLLM allocates pages for them;
+- load plan (``update_state_after_alloc``): DRAM blocks scatter from their
+  slot; disk blocks are read into a new DRAM staging block (promoted when every
+  rank read it) or, when DRAM is short, streamed through a few scratch slots;
 - stores (``build_connector_meta``): every block that becomes full this step
-  and is in no tier yet gets a DRAM slot (LRU-within-TTL eviction) and, when
-  the disk tier is on, a disk reservation (write-through);
-- completions (``update_connector_output``): an entry becomes *ready* only once
-  every TP rank reported its bytes in place; failed loads drop the entry.
+  and is in no tier gets a DRAM block and, with the disk tier on, a disk
+  reservation (write-through);
+- completions (``update_connector_output``): the ledger's transitions, once
+  every TP rank has answered for the thing.
 
-Entries are pinned while a worker may touch their bytes, so a slot or a record
-is never reused or deleted under an in-flight copy.
+Everything here runs under one lock (vLLM's scheduler thread, plus the sweeper
+thread that removes files and expires blocks while the engine is idle).
 """
 
 from __future__ import annotations
 
-import gc
 import logging
+import os
 import queue
 import threading
 import time
@@ -28,13 +32,14 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from kvtier.config import KVTierConfig
 from kvtier.groups import FULL, NULL_BLOCK, KVGroup, group_key
-from kvtier.index import EVICT_DROPPED, EVICT_TTL, Entry, LoadCostModel, SlotAllocator, Tier
+from kvtier.index import LoadCostModel
 from kvtier.keys import KeyChain, root_key
+from kvtier.ledger import Block, Ledger, State
+from kvtier.metadata import (FROM_SLOT, NO_SLOT, READ, STREAM, KVTierMetadata, KVTierWorkerMeta,
+                             LoadItem, LoadJob, StoreItem, StoreJob)
 from kvtier.metrics import CHECKSUM_REASONS, StatsRecorder
-from kvtier.metadata import (NO_SLOT, KVTierMetadata, KVTierWorkerMeta, LoadItem, LoadJob,
-                             StoreItem, StoreJob)
 from kvtier.slots import SlotGeometry
-from kvtier.store import DiskStore
+from kvtier.store import RECORD_FAULTS, DiskStore
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
@@ -42,14 +47,51 @@ if TYPE_CHECKING:
 log = logging.getLogger("vllm.kvtier.scheduler")
 
 DRAM, DISK = "dram", "disk"
-FILE_TOUCH_EVERY_S = 60.0
 PREFILL_STEP_TOKENS = 256   # steps with fewer tokens are decode-bound: no prefill rate
+STREAM_SLOTS = 16           # scratch slots a streamed disk load reuses
+MISSED_PROBES_PER_LOOKUP = 4   # shared-store file checks that found nothing, per lookup
+TEMP_SWEEP_EVERY_S = 60.0
+
+
+def file_touch_interval(ttl: float) -> float:
+    """How stale a record's mtime (its last use across restarts) may get."""
+    return min(60.0, ttl / 8)
+
+
+class Hit(NamedTuple):
+    block: int      # index of the block in the request
+    group: int      # KV cache group
+    key: bytes      # the group's record key
+    tier: str       # where the bytes come from: DRAM, or DISK (a record, or a read in
+                    # flight that the load joins)
+    entry: Block    # the ledger block the load reads (pinned)
+
+    @property
+    def ledger_tier(self) -> str:
+        """The tier ``entry`` belongs to."""
+        return DRAM if self.entry.slot != NO_SLOT else DISK
+
+    @property
+    def record(self) -> bool:
+        """A record on disk (not a DRAM block)."""
+        return self.ledger_tier == DISK
 
 
 @dataclass
-class DramBlock:
-    slot: int
-    ready: bool = False
+class PendingHit:
+    num_computed: int
+    hits: list[Hit]   # what the hit needs after the local hit, block by block
+    scratch: list[int] = field(default_factory=list)   # a slot to stream disk blocks through
+
+
+@dataclass
+class LoadPlan:
+    req_id: str
+    items: list[LoadItem]
+    tokens_by_tier: dict[str, int]
+    dram_readers: list[Block] = field(default_factory=list)   # pins released at the end
+    disk_readers: list[Block] = field(default_factory=list)
+    scratch: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -57,40 +99,41 @@ class ReqState:
     request: "Request"
     chain: KeyChain
     block_ids: list[list[int]] = field(default_factory=list)   # per KV cache group
-    handled_blocks: int = 0     # blocks [0, n) stored, present, or skipped
-    had_stores: bool = False
+    handled_blocks: int = 0      # blocks [0, n) stored, present, or skipped
+    store_jobs: int = 0          # store jobs not yet answered by every rank
+    load: LoadPlan | None = None  # a load in flight
+    group_keys: dict[int, list] = field(default_factory=dict)   # group -> record keys (lazy)
 
-
-class Hit(NamedTuple):
-    block: int      # index of the block in the request
-    group: int      # KV cache group
-    key: bytes      # the group's record key
-    tier: str
-
-
-@dataclass
-class PendingHit:
-    num_computed: int
-    hits: list[Hit]   # what the hit needs after the local hit, block by block
-
-
-@dataclass
-class LoadPlan:
-    items: list[LoadItem]
-    tokens_by_tier: dict[str, int]
+    def key(self, i: int, g: int) -> bytes:
+        """The record key of block ``i`` in KV cache group ``g``."""
+        if g == 0:
+            return self.chain.keys[i]
+        keys = self.group_keys.setdefault(g, [])
+        if len(keys) <= i:   # derived in bulk: a window scan walks many of them
+            keys += [group_key(k, g) for k in self.chain.keys[len(keys):i + 1]]
+        return keys[i]
 
 
 @dataclass
 class Resolution:
-    """Completion of one thing done by every rank: ok and failed counts."""
+    """Answers of the TP ranks for one thing: ok and failed counts."""
     ok: int = 0
     failed: int = 0
+
+
+@dataclass
+class Pending:
+    """A fill in flight (a store job's copies, a record write, a staged read)."""
+    blocks: list[Block]                 # the ledger blocks it resolves
+    res: Resolution = field(default_factory=Resolution)
+    readers: list[Block] = field(default_factory=list)   # DRAM blocks it reads (pins)
+    req_id: str | None = None
 
 
 class KVTierScheduler:
     def __init__(self, cfg: KVTierConfig, namespace: bytes, tp_size: int, block_size: int,
                  geometry: SlotGeometry, clock: Callable[[], float] = time.time,
-                 groups: tuple[KVGroup, ...] = FULL):
+                 groups: tuple[KVGroup, ...] = FULL, start_sweeper: bool = True):
         self.cfg = cfg
         self.groups = groups
         self.full_groups = [g for g in groups if not g.windowed]
@@ -107,133 +150,120 @@ class KVTierScheduler:
         self._step: tuple[float, int] | None = None   # (start, prompt tokens) of this step
         self._lock = threading.RLock()
 
-        self.slots = SlotAllocator(geometry.num_slots)
-        self.max_staged = max(1, geometry.num_slots // 2)   # disk blocks per load
-        self.dram = Tier(DRAM, geometry.num_slots, cfg.ttl_seconds, on_evict=self._dram_evicted)
         self.record_size = geometry.record_bytes * tp_size   # one block, all ranks
-        self.disk: Tier | None = None
+        self.max_staging = max(1, geometry.num_slots // 2)   # DRAM blocks filling from disk
         self.rank_stores: list[DiskStore] = []
-        self._sweep_q: queue.Queue = queue.Queue()
+        disk_budget = 0
+        spare = 0
         if cfg.disk_enabled:
-            # Evicted records wait in free/ for writes to overwrite them (faster
-            # than new files): up to 1/16 of the budget, 64 per rank, counted in it.
+            # Evicted records wait in free/ for writes to overwrite (faster than
+            # new files): up to 1/16 of the budget, 64 per rank, counted in it.
             spare = min(64, cfg.disk_bytes // self.record_size // 16)
-            self.disk = Tier(DISK, cfg.disk_bytes - spare * self.record_size, cfg.ttl_seconds,
-                             on_evict=self._disk_evicted)
+            disk_budget = cfg.disk_bytes - spare * self.record_size
+        self.ledger = Ledger(geometry.num_slots, disk_budget, self.record_size, cfg.ttl_seconds,
+                             file_touch_interval(cfg.ttl_seconds))
+        self._sweep_q: queue.Queue = queue.Queue()
+        self._startup_temps: dict[str, int] = {}
+        if self.ledger.disk is not None:
             self.rank_stores = [DiskStore(cfg.disk_path, namespace, r, tp_size,
                                           o_direct="off", free_files=spare)
                                 for r in range(tp_size)]
             self._recover()
-            threading.Thread(target=self._sweeper, name="kvtier-sweeper", daemon=True).start()
+            if start_sweeper:
+                threading.Thread(target=self._sweeper, name="kvtier-sweeper",
+                                 daemon=True).start()
 
         self._reqs: dict[str, ReqState] = {}
         self._pending_hits: dict[str, PendingHit] = {}
         self._loads: dict[str, LoadPlan] = {}
         self._new_loads: list[LoadJob] = []
-        self._store_jobs: dict[int, tuple[list[StoreItem], Resolution]] = {}
-        self._writes: dict[bytes, Resolution] = {}
-        self._failed_keys: set[bytes] = set()
+        self._await_sending: set[str] = set()
+        self._store_jobs: dict[int, Pending] = {}
+        self._writes: dict[bytes, Pending] = {}
+        self._stages: dict[bytes, Pending] = {}
+        self._staging = 0
         self._next_job = 0
-
-    # ------------------------------------------------------------------ tiers
-    def _dram_evicted(self, key, entry: Entry, cause: str) -> None:
-        self.slots.give(entry.value.slot)
-
-    def _disk_evicted(self, key, entry: Entry, cause: str) -> None:
-        self._sweep_q.put(("remove", key))
-
-    def _admit_dram(self, key: bytes, now: float) -> int | None:
-        """A new, pinned, not-ready DRAM entry for ``key``; its slot (None: full)."""
-        if key in self.dram:
-            return None
-        entry = self.dram.add(key, 1, now, value=DramBlock(NO_SLOT), pinned=True)
-        if entry is None:
-            return None
-        entry.value.slot = self.slots.take()
-        return entry.value.slot
-
-    def _touch(self, key: bytes, now: float) -> bool:
-        """Record a use of ``key`` in every tier holding it; False if none does."""
-        in_dram = self.dram.touch(key, now)
-        in_disk = False
-        if self.disk is not None:
-            entry = self.disk.peek(key)
-            stale = entry is not None and now - entry.last_use > FILE_TOUCH_EVERY_S
-            in_disk = self.disk.touch(key, now)
-            if in_disk and stale:   # last use survives restarts as the file's mtime
-                self._sweep_q.put(("touch", key))
-        return in_dram or in_disk
-
-    def _drop(self, tier: Tier | None, key: bytes) -> None:
-        """Never serve ``key`` from ``tier`` again; free it once nobody holds a pin."""
-        entry = tier.peek(key) if tier is not None else None
-        if entry is None:
-            return
-        entry.value.ready = False
-        if entry.pins == 0:
-            tier.discard(key, EVICT_DROPPED)
-
-    def _ready(self, tier: Tier | None, key: bytes, now: float) -> bool:
-        if tier is None:
-            return False
-        entry = tier.get(key, now)
-        return entry is not None and entry.value.ready
 
     # ------------------------------------------------------------- recovery
     def _recover(self) -> None:
-        """Rebuild the disk index from the directory: blocks every rank holds.
-
-        The cyclic GC is paused: the rebuild allocates a few acyclic objects per
-        block, and full collections over vLLM's heap were half the time at 100k."""
+        """Rebuild the disk index from the directory: blocks every rank holds; the
+        records some ranks lack (orphans) go."""
         t0 = time.perf_counter()
         now = self.clock()
-        paused = gc.isenabled()
-        gc.disable()
-        try:
-            per_rank = [s.scan_mtimes() for s in self.rank_stores]
-            if len(per_rank) == 1:
-                mtimes = per_rank[0]
-            else:
-                common = set(per_rank[0]).intersection(*per_rank[1:])
-                mtimes = {k: min(r[k] for r in per_rank) for k in common}
-            expired = 0
-            for key in sorted(mtimes, key=mtimes.__getitem__):   # oldest first
-                mtime = mtimes[key]
-                if now - mtime >= self.cfg.ttl_seconds:
-                    self._sweep_q.put(("remove", key))
-                    expired += 1
-                    continue
-                entry = self.disk.add(key, self.record_size, mtime, value=DramBlock(NO_SLOT, True))
-                if entry is None:
-                    self._sweep_q.put(("remove", key))
-        finally:
-            if paused:
-                gc.enable()
-        self.recovered_blocks = len(self.disk)
-        self.disk.stats.evictions[EVICT_TTL] += expired   # expired while the server was down
+        per_rank = [s.scan_mtimes() for s in self.rank_stores]
+        if len(per_rank) == 1:
+            mtimes = per_rank[0]
+            orphans: set[bytes] = set()
+        else:
+            common = set(per_rank[0]).intersection(*per_rank[1:])
+            mtimes = {k: min(r[k] for r in per_rank) for k in common}
+            orphans = set().union(*per_rank) - common
+        expired, excess = self.ledger.recover(mtimes, now)
+        for key in orphans:
+            self._sweep_q.put(("remove", key, False))
+        self.recovered_blocks = len(self.ledger.disk)
+        self.stats.inc("kvtier_orphan_records_total", len(orphans))
         for s in self.rank_stores:
             s.sweep_temp()
-        log.info("kvtier: recovered %d blocks (%.1f GiB) from %s in %.2f s (%d expired)",
-                 len(self.disk), self.disk.used / 2**30, self.cfg.disk_path,
-                 time.perf_counter() - t0, expired)
+            for path, size in s.temp_files():   # a live writer's, or a crash's < 10 min old
+                self._startup_temps[path] = size
+        self.ledger.hold_disk(sum(self._startup_temps.values()))
+        self._flush_removals()
+        log.info("kvtier: recovered %d blocks (%.1f GiB) from %s in %.2f s (%d expired, %d over "
+                 "the budget, %d orphans)", self.recovered_blocks,
+                 self.ledger.disk.used / 2**30, self.cfg.disk_path,
+                 time.perf_counter() - t0, expired, excess, len(orphans))
+
+    def _flush_removals(self) -> None:
+        for key in self.ledger.take_removals():
+            self._sweep_q.put(("remove", key, True))
 
     def _sweeper(self) -> None:
-        """Background file work: removals of evicted/expired records, last-use touches,
-        periodic expiry while the engine is idle."""
+        """Background file work: removals of evicted/expired/dropped records, last-use
+        touches, expiry while the engine is idle, stale temp files."""
+        last_temp_sweep = time.monotonic()
         while True:
             try:
-                op, key = self._sweep_q.get(timeout=5.0)
+                op, key, arg = self._sweep_q.get(timeout=5.0)
             except queue.Empty:
                 with self._lock:
-                    now = self.clock()
-                    self.dram.expire(now)
-                    self.disk.expire(now)
+                    self.ledger.expire(self.clock())
+                    self._flush_removals()
+                if time.monotonic() - last_temp_sweep >= TEMP_SWEEP_EVERY_S:
+                    last_temp_sweep = time.monotonic()
+                    self._sweep_temps()
                 continue
+            self._sweep_one(op, key, arg)
+
+    def _sweep_one(self, op: str, key: bytes, arg) -> None:
+        try:
             for s in self.rank_stores:
                 if op == "remove":
                     s.remove(key)
                 else:
-                    s.touch(key)
+                    s.touch(key, arg)
+        except OSError as e:
+            log.warning("kvtier: %s of record %s failed: %s", op, key.hex(), e)
+        if op == "remove" and arg:
+            with self._lock:
+                self.ledger.removed(key)
+
+    def _sweep_temps(self) -> None:
+        for s in self.rank_stores:
+            s.sweep_temp()
+        gone = [p for p in self._startup_temps if not os.path.exists(p)]
+        if gone:
+            with self._lock:
+                self.ledger.hold_disk(-sum(self._startup_temps.pop(p) for p in gone))
+
+    def drain_sweeper(self) -> None:
+        """Do the queued file work now, on this thread (tests, shutdown)."""
+        while True:
+            try:
+                op, key, arg = self._sweep_q.get_nowait()
+            except queue.Empty:
+                return
+            self._sweep_one(op, key, arg)
 
     # ---------------------------------------------------------------- lookup
     def _state(self, request: "Request") -> ReqState | None:
@@ -253,81 +283,133 @@ class KVTierScheduler:
             return
         for hit in pending.hits:
             if not keep(hit):
-                (self.dram if hit.tier == DRAM else self.disk).unpin(hit.key)
+                self._unpin(hit.ledger_tier, hit.entry)
 
-    def _where(self, key: bytes, now: float) -> str | None:
-        """The tier a ready copy of ``key`` is in (DRAM first), or None."""
-        if self._ready(self.dram, key, now):
-            return DRAM
-        if self._ready(self.disk, key, now) or self._probe_shared(key, now):
-            return DISK
-        return None
+    def _drop_pending(self, pending: PendingHit | None) -> None:
+        """A lookup's hit will not be loaded: its pins and slot go."""
+        if pending is not None:
+            self._unpin_hits(pending)
+            self.ledger.give_scratch(pending.scratch)
+            pending.scratch = []
+
+    def _unpin(self, tier: str, block: Block) -> None:
+        """Release a pin of ``block`` (``tier``: the ledger tier it belongs to)."""
+        if tier == DRAM:
+            self.ledger.unpin_dram(block)
+        else:
+            self.ledger.unpin_disk(block)
 
     def get_num_new_matched_tokens(self, request: "Request",
                                    num_computed_tokens: int) -> tuple[int, bool]:
         with self._lock:
-            self._unpin_hits(self._pending_hits.pop(request.request_id, None))
+            self._drop_pending(self._pending_hits.pop(request.request_id, None))
             st = self._state(request)
             bs = self.block_size
-            if st is None or num_computed_tokens % bs:
+            if st is None or num_computed_tokens % bs or st.load is not None:
                 return 0, False
             max_blocks = (request.num_tokens - 1) // bs   # the last token is recomputed
             start = num_computed_tokens // bs
             if max_blocks <= start:
                 return 0, False
-            keys = st.chain.extend(request.all_token_ids[:max_blocks * bs])
+            st.chain.extend(request.all_token_ids, max_blocks)
             now = self.clock()
             self.stats.inc("kvtier_lookups_total")
             self.stats.inc("kvtier_lookup_tokens_total", (max_blocks - start) * bs)
-            hits = self._longest_hit(keys, start, max_blocks, now)
+            hits = self._longest_hit(st, start, max_blocks, now)
+            self._flush_removals()
             end = hits[-1].block + 1 if hits else start
             if end - start < max(1, self.cfg.min_hit_blocks):
                 return 0, False
             for hit in hits:
-                (self.dram if hit.tier == DRAM else self.disk).pin(hit.key)
-            self._pending_hits[request.request_id] = PendingHit(num_computed_tokens, hits)
+                self.ledger.pin(hit.entry)
+            pending = PendingHit(num_computed_tokens, hits)
+            if any(h.record for h in hits):
+                # A disk read needs a DRAM slot at least: with every slot held by
+                # loads and stores in flight, ask again next step (never a
+                # failed load for want of a slot).
+                pending.scratch = self.ledger.take_scratch(1, now)
+                if not pending.scratch:
+                    self._drop_pending(pending)
+                    self.stats.inc("kvtier_deferred_lookups_total")
+                    return None, False
+            self._pending_hits[request.request_id] = pending
             return (end - start) * bs, True
 
-    def _longest_hit(self, keys: list[bytes], start: int, limit: int, now: float) -> list[Hit]:
+    def _longest_hit(self, st: ReqState, start: int, limit: int, now: float) -> list[Hit]:
         """What the longest loadable hit after ``start`` needs, block by block.
 
         Every full-attention group needs each block of the hit; a sliding-window
-        group only the last blocks its window sees, so the hit's end is the
-        furthest point where those are present too. Disk blocks are staged
-        through DRAM slots (never more than fit), and a tier whose load would be
-        slower than recomputing is not used (``_slow_tier``)."""
-        where = {}   # (block, group) -> tier | None, memoized
+        group only the last blocks its window sees, so the hit ends at the
+        furthest point where those are present too. A tier whose load would be
+        slower than recomputing is not used (``_slow_tier``). Each (block, group)
+        is looked up at most once: linear in the prompt's length."""
+        UNSEEN = False
+        where = {g.index: [UNSEEN] * limit for g in self.groups}
+        probes = [MISSED_PROBES_PER_LOOKUP]
+        locate = self.ledger.locate
 
-        def tier(i: int, g: KVGroup) -> str | None:
-            if (i, g.index) not in where:
-                where[i, g.index] = self._where(group_key(keys[i], g.index), now)
-            return where[i, g.index]
+        def tier(i: int, g: KVGroup) -> tuple[str, Block] | None:
+            w = where[g.index]
+            got = w[i]
+            if got is UNSEEN:
+                key = st.key(i, g.index)
+                got = w[i] = locate(key, now) or self._probe(key, now, probes)
+            return got
 
         end = start
-        while end < limit and all(tier(end, g) for g in self.full_groups):
-            end += 1
+        if len(self.full_groups) == 1 and self.full_groups[0].index == 0:
+            keys, w = st.chain.keys, where[0]   # the common case, inlined
+            while end < limit:
+                got = w[end] = locate(keys[end], now) or self._probe(keys[end], now, probes)
+                if got is None:
+                    break
+                end += 1
+        else:
+            while end < limit and all(tier(end, g) for g in self.full_groups):
+                end += 1
         declined = set()
         while end > start:
-            hits = [Hit(i, g.index, group_key(keys[i], g.index), tier(i, g))
-                    for i in range(start, end) for g in self.groups if i in g.needed(start, end)]
-            missing = next((h.block for h in hits if h.tier is None), None)
-            if missing is not None:   # a window group lacks a block near this end
-                end -= 1
-                continue
-            disk = [h for h in hits if h.tier == DISK]
-            if len(disk) > self.max_staged:
-                end = disk[self.max_staged].block
-                continue
+            end = self._fit_windows(start, end, tier)
+            if end <= start:
+                break
+            hits = []
+            for g in self.groups:
+                w = where[g.index]
+                for i in g.needed(start, end):
+                    t, entry = w[i]
+                    joined = t == DRAM and entry.state is State.STAGING
+                    hits.append(Hit(i, g.index, entry.key, DISK if joined else t, entry))
+            if len(self.groups) > 1:
+                hits.sort(key=lambda h: (h.block, h.group))
             slow = self._slow_tier(hits, now)
-            if slow is not None:
-                cut = next(h.block for h in hits if h.tier == slow)
-                if slow not in declined:
-                    self.stats.inc("kvtier_declined_loads_total", end - cut, tier=slow)
-                    declined.add(slow)
-                end = cut
-                continue
-            return hits
+            if slow is None:
+                return hits
+            cut = next(h.block for h in hits if h.tier == slow)
+            if slow not in declined:
+                self.stats.inc("kvtier_declined_loads_total", end - cut, tier=slow)
+                declined.add(slow)
+            end = cut
         return []
+
+    def _fit_windows(self, start: int, end: int, tier) -> int:
+        """The furthest hit end <= ``end`` for which every sliding-window group has
+        the blocks its window needs."""
+        changed = True
+        while changed and end > start:
+            changed = False
+            for g in self.window_groups:
+                e = end
+                while e > start:
+                    j = e - 1
+                    lo = max(start, e - g.window_blocks)
+                    while j >= lo and tier(j, g):
+                        j -= 1
+                    if j < lo:
+                        break
+                    e = j   # block j is missing: the hit must end at or before it
+                if e != end:
+                    end, changed = e, True
+        return end
 
     def _slow_tier(self, hits: list[Hit], now: float) -> str | None:
         """A tier whose load would be slower than recomputing (never a slower hit)."""
@@ -342,21 +424,33 @@ class KVTierScheduler:
                 return tier
         return None
 
-    def _probe_shared(self, key: bytes, now: float) -> bool:
+    def _probe(self, key: bytes, now: float, probes: list[int]) -> tuple[str, Block] | None:
+        """An index miss: another process may have published the record (a shared
+        store). A few misses per lookup at most: each costs a stat per rank."""
+        if probes[0] > 0 and self.ledger.disk is not None and self.ledger.writable(key):
+            block = self._probe_shared(key, now)
+            if block is not None:
+                return DISK, block
+            probes[0] -= 1
+        return None
+
+    def _probe_shared(self, key: bytes, now: float) -> Block | None:
         """Index miss: another process may have published the block (shared store)."""
-        if self.disk is None or key in self.disk:
-            return False
-        if not all(s.exists(key) for s in self.rank_stores):
-            return False
-        return self.disk.add(key, self.record_size, now, value=DramBlock(NO_SLOT, True)) \
-            is not None
+        mtime = None
+        for s in self.rank_stores:
+            m = s.mtime(key)
+            if m is None:
+                return None
+            mtime = m if mtime is None else min(mtime, m)
+        return self.ledger.adopt(key, mtime, now)
 
     def update_state_after_alloc(self, request: "Request", blocks,
                                  num_external_tokens: int) -> None:
         with self._lock:
             pending = self._pending_hits.pop(request.request_id, None)
-            if num_external_tokens == 0 or pending is None:
-                self._unpin_hits(pending)
+            st = self._reqs.get(request.request_id)
+            if num_external_tokens == 0 or pending is None or st is None:
+                self._drop_pending(pending)
                 return
             start = pending.num_computed // self.block_size
             end = start + num_external_tokens // self.block_size
@@ -367,34 +461,63 @@ class KVTierScheduler:
                                                  and gpu[hit.group][hit.block] == NULL_BLOCK)
             self._unpin_hits(pending, keep=used)
             now = self.clock()
-            items: list[LoadItem] = []
+            plan = LoadPlan(request.request_id, [], {DRAM: 0, DISK: 0})
             covered = set()
             block_tier: dict[int, str] = {}
+            streamed: list[tuple[Hit, int]] = []
             for hit in filter(used, pending.hits):
-                self._touch(hit.key, now)
-                block = gpu[hit.group][hit.block]
+                self._use(hit.key, now)
+                page = gpu[hit.group][hit.block]
                 covered.add((hit.block, hit.group))
-                if hit.tier == DRAM:
-                    slot = self.dram.peek(hit.key).value.slot
-                    items.append(LoadItem(hit.key, block, slot, False, hit.group))
-                else:
-                    slot = self._admit_dram(hit.key, now)
-                    items.append(LoadItem(hit.key, block, NO_SLOT if slot is None else slot,
-                                          True, hit.group))
+                if hit.tier == DISK:
                     block_tier[hit.block] = DISK
+                entry = hit.entry
+                if hit.record:
+                    # A record on disk: read it into a DRAM block of its own (unless
+                    # another request's read of it started since the lookup: join it).
+                    dram = self.ledger.dram_block(hit.key, now)
+                    if dram is not None:   # READY, or STAGING: join that read
+                        self.ledger.unpin_disk(entry)
+                        plan.dram_readers.append(self.ledger.pin(dram))
+                        plan.items.append(LoadItem(hit.key, page, dram.slot, FROM_SLOT,
+                                                   hit.group))
+                        continue
+                    plan.disk_readers.append(entry)
+                    if self._staging < self.max_staging:
+                        dram = self.ledger.begin_stage(hit.key, now)
+                    if dram is not None:
+                        self._staging += 1
+                        self._stages[hit.key] = Pending([dram])
+                        plan.dram_readers.append(self.ledger.pin(dram))   # the scatter reads it
+                        plan.items.append(LoadItem(hit.key, page, dram.slot, READ, hit.group))
+                        continue
+                    streamed.append((hit, page))
+                    continue
+                plan.dram_readers.append(entry)   # READY, or STAGING (joins the read)
+                plan.items.append(LoadItem(hit.key, page, entry.slot, FROM_SLOT, hit.group))
+            if streamed:
+                plan.scratch, pending.scratch = pending.scratch, []
+                plan.scratch += self.ledger.take_scratch(
+                    min(len(streamed), STREAM_SLOTS) - len(plan.scratch), now)
+                for j, (hit, page) in enumerate(streamed):
+                    slot = plan.scratch[j % len(plan.scratch)] if plan.scratch else NO_SLOT
+                    plan.items.append(LoadItem(hit.key, page, slot, STREAM, hit.group))
+                self.stats.inc("kvtier_streamed_blocks_total", len(streamed))
+            self.ledger.give_scratch(pending.scratch)
             # vLLM accepted fewer tokens than offered: a window group may now need
             # blocks the hit did not include. They fail (recompute from there).
             for g in self.window_groups:
                 for i in range(start, end):
                     if (i, g.index) not in covered and gpu[g.index][i] != NULL_BLOCK:
-                        items.append(LoadItem(b"", gpu[g.index][i], NO_SLOT, False, g.index))
-            by_tier = {DRAM: 0, DISK: 0}
+                        plan.items.append(LoadItem(b"", gpu[g.index][i], NO_SLOT, FROM_SLOT,
+                                                   g.index))
             for i in range(start, end):
-                by_tier[block_tier.get(i, DRAM)] += self.block_size
-            for tier, tokens in by_tier.items():
+                plan.tokens_by_tier[block_tier.get(i, DRAM)] += self.block_size
+            for tier, tokens in plan.tokens_by_tier.items():
                 self.stats.inc("kvtier_hit_tokens_total", tokens, tier=tier)
-            self._loads[request.request_id] = LoadPlan(items, by_tier)
-            self._new_loads.append(LoadJob(request.request_id, items))
+            st.load = plan
+            self._loads[request.request_id] = plan
+            self._new_loads.append(LoadJob(request.request_id, plan.items))
 
     def hit_sources(self, request: "Request", num_external_tokens: int) -> dict[str, int]:
         plan = self._loads.get(request.request_id)
@@ -410,12 +533,23 @@ class KVTierScheduler:
             out[DISK] = out.get(DISK, 0) + left
         return out
 
+    def _use(self, key: bytes, now: float) -> bool:
+        """A use of ``key``: LRU and TTL refreshed in every tier, and the record's
+        mtime (its last use after a restart) when it is due; False if no tier has it."""
+        present = self.ledger.touch(key, now)
+        block = self.ledger.disk_block(key, now) if present else None
+        if block is not None and block.state is State.READY and self.ledger.touch_due(block, now):
+            self._sweep_q.put(("touch", key, now))
+        return present
+
     # ---------------------------------------------------------------- stores
     def build_connector_meta(self, so) -> KVTierMetadata:
         with self._lock:
             meta = KVTierMetadata(loads=self._new_loads,
-                                  flush_gathers=bool(so.preempted_req_ids) or self._flush_next)
+                                  flush_gathers=bool(so.preempted_req_ids) or self._flush_next,
+                                  await_sending=self._await_sending)
             self._new_loads = []
+            self._await_sending = set()
             self._flush_next = False
             now = self.clock()
             self._step = (time.perf_counter(), so.total_num_scheduled_tokens)
@@ -427,6 +561,7 @@ class KVTierScheduler:
                 self._plan_stores(meta, req_id, cached.new_block_ids[i],
                                   req_id in cached.resumed_req_ids,
                                   cached.num_computed_tokens[i], so, now)
+            self._flush_removals()
             return meta
 
     def _plan_stores(self, meta: KVTierMetadata, req_id: str, new_block_ids, replace: bool,
@@ -450,38 +585,40 @@ class KVTierScheduler:
         n_full = min([done // self.block_size] + [len(ids) for ids in st.block_ids])
         if n_full <= st.handled_blocks:
             return
-        keys = st.chain.extend(request.all_token_ids[:n_full * self.block_size])
+        st.chain.extend(request.all_token_ids, n_full)
         items: list[StoreItem] = []
+        fills: list[Block] = []
         for i in range(st.handled_blocks, n_full):
             for g in self.groups:
-                block = st.block_ids[g.index][i]
-                if g.windowed and block == NULL_BLOCK:   # left the window before it was stored
+                page = st.block_ids[g.index][i]
+                if g.windowed and page == NULL_BLOCK:   # left the window before it was stored
                     continue
-                key = group_key(keys[i], g.index)
-                if self._touch(key, now):
+                key = st.key(i, g.index)
+                if self._use(key, now):
                     continue
-                slot = self._admit_dram(key, now)
-                if slot is None:
+                dram = self.ledger.begin_store(key, now)
+                if dram is None:
                     self.stats.inc("kvtier_skipped_stores_total", reason="dram_full")
                     continue
-                to_disk = False
-                if self.disk is not None:
-                    to_disk = self.disk.add(key, self.record_size, now,
-                                            value=DramBlock(NO_SLOT), pinned=True) is not None
-                    if to_disk:
-                        self.dram.pin(key)   # the slot is read by the disk write
+                fills.append(dram)
+                to_disk, reuse = False, None
+                if self.ledger.disk is not None:
+                    disk, reuse = self.ledger.begin_write(key, now)
+                    to_disk = disk is not None
+                    if to_disk:   # the write reads the slot
+                        self._writes[key] = Pending([disk], readers=[self.ledger.pin(dram)])
                     else:
                         self.stats.inc("kvtier_skipped_stores_total", reason="disk_full")
-                items.append(StoreItem(key, block, slot, to_disk, g.index))
+                items.append(StoreItem(key, page, dram.slot, to_disk, g.index, reuse))
                 if g.windowed:
                     self._flush_next = True   # the page may leave the window next step
         st.handled_blocks = n_full
         if items:
             job = self._next_job
             self._next_job += 1
-            self._store_jobs[job] = (items, Resolution())
+            self._store_jobs[job] = Pending(fills, req_id=req_id)
             meta.stores.append(StoreJob(job, req_id, items))
-            st.had_stores = True
+            st.store_jobs += 1
 
     # ----------------------------------------------------------- completions
     def update_connector_output(self, output) -> None:
@@ -491,48 +628,60 @@ class KVTierScheduler:
                 self._apply_worker_meta(meta)
             for req_id in output.finished_recving or ():
                 self._finish_load(req_id)
+            self._flush_removals()
 
-    def _resolve(self, table: dict, key, ok: int, failed: int):
-        res = table.setdefault(key, Resolution())
-        res.ok += ok
-        res.failed += failed
-        if res.ok + res.failed < self.tp_size:
+    def _answer(self, table: dict, key, ok: int, failed: int) -> Pending | None:
+        """Count ranks' answers for ``table[key]``; the Pending once all have answered."""
+        p = table.get(key)
+        if p is None:
+            log.error("kvtier: an answer for %r that is not in flight (ignored)", key)
+            return None
+        p.res.ok += ok
+        p.res.failed += failed
+        if p.res.ok + p.res.failed < self.tp_size:
             return None
         del table[key]
-        return res.failed == 0
+        return p
 
     def _apply_worker_meta(self, meta: KVTierWorkerMeta) -> None:
+        L = self.ledger
         for job in set(meta.stored) | set(meta.store_failed):
-            items, res = self._store_jobs[job]
-            res.ok += meta.stored.get(job, 0)
-            res.failed += meta.store_failed.get(job, 0)
-            if res.ok + res.failed < self.tp_size:
+            p = self._answer(self._store_jobs, job, meta.stored.get(job, 0),
+                             meta.store_failed.get(job, 0))
+            if p is None:
                 continue
-            del self._store_jobs[job]
-            for it in items:
-                self.dram.unpin(it.key)
-                if res.failed:   # the write pin (if any) is released by the write's result
-                    self._drop(self.dram, it.key)
-                else:
-                    self.dram.peek(it.key).value.ready = True
-                    self.stats.inc("kvtier_stored_blocks_total", tier=DRAM)
-                    self.stats.inc("kvtier_stored_bytes_total", self.record_size, tier=DRAM)
-        for key in set(meta.written) | set(meta.write_failed):
-            ok = self._resolve(self._writes, key, meta.written.get(key, 0),
-                               meta.write_failed.get(key, 0))
-            if ok is None:
-                continue
-            self.dram.unpin(key)
-            if self.disk is None or key not in self.disk:
-                continue
-            self.disk.unpin(key)
+            st = self._reqs.get(p.req_id)
+            if st is not None:
+                st.store_jobs -= 1
+            ok = p.res.failed == 0
+            for block in p.blocks:
+                L.end_store(block, ok)
             if ok:
-                self.disk.peek(key).value.ready = True
+                self.stats.inc("kvtier_stored_blocks_total", len(p.blocks), tier=DRAM)
+                self.stats.inc("kvtier_stored_bytes_total", len(p.blocks) * self.record_size,
+                               tier=DRAM)
+        for key in set(meta.written) | set(meta.write_failed):
+            p = self._answer(self._writes, key, meta.written.get(key, 0),
+                             meta.write_failed.get(key, 0))
+            if p is None:
+                continue
+            for dram in p.readers:
+                L.unpin_dram(dram)
+            ok = p.res.failed == 0
+            L.end_write(p.blocks[0], ok)
+            if ok:
                 self.stats.inc("kvtier_stored_blocks_total", tier=DISK)
                 self.stats.inc("kvtier_stored_bytes_total", self.record_size, tier=DISK)
-            else:
-                self._drop(self.disk, key)   # removes any rank's record too
-        self._failed_keys.update(meta.load_failed)
+        for key in set(meta.staged) | set(meta.stage_failed):
+            p = self._answer(self._stages, key, meta.staged.get(key, 0),
+                             meta.stage_failed.get(key, 0))
+            if p is not None:
+                self._staging -= 1
+                L.end_stage(p.blocks[0], p.res.failed == 0)
+        for key in meta.bad_records:   # a read proved the record bad on some rank
+            block = L.disk_block(key, self.clock())
+            if block is not None and block.state is State.READY:
+                L.drop_disk(block)
         for reason, n in meta.fail_reasons.items():
             if reason in ("backpressure", "gather"):
                 self.stats.inc("kvtier_skipped_stores_total", n, reason=reason)
@@ -550,27 +699,24 @@ class KVTierScheduler:
             self.cost.observe_load(tier, nbytes, secs)
 
     def _finish_load(self, req_id: str) -> None:
+        """Every rank finished the request's load: release what it held."""
         plan = self._loads.pop(req_id, None)
         if plan is None:
             return
-        for it in plan.items:
-            failed = it.key in self._failed_keys
-            if it.from_disk:
-                self.disk.unpin(it.key)
-                if failed:
-                    self._drop(self.disk, it.key)
-            if it.slot != NO_SLOT:
-                self.dram.unpin(it.key)
-                if failed:
-                    self._drop(self.dram, it.key)
-                elif it.from_disk:
-                    self.dram.peek(it.key).value.ready = True   # promoted into DRAM
-        self._failed_keys.difference_update(it.key for it in plan.items)
+        st = self._reqs.get(req_id)
+        if st is not None and st.load is plan:
+            st.load = None
+        for block in plan.dram_readers:
+            self.ledger.unpin_dram(block)
+        for block in plan.disk_readers:
+            self.ledger.unpin_disk(block)
+        self.ledger.give_scratch(plan.scratch)
 
     def request_finished(self, request: "Request") -> bool:
-        """True: blocks must stay allocated until the workers report the stores done."""
+        """True: vLLM keeps the request's blocks until the workers report it in
+        finished_sending (store copies may still read them)."""
         with self._lock:
-            self._unpin_hits(self._pending_hits.pop(request.request_id, None))
+            self._drop_pending(self._pending_hits.pop(request.request_id, None))
             st = self._reqs.pop(request.request_id, None)
             if st is None:
                 return False
@@ -579,8 +725,15 @@ class KVTierScheduler:
             now = self.clock()
             for key in reversed(st.chain.keys[:st.handled_blocks]):
                 for g in reversed(self.groups):
-                    self._touch(group_key(key, g.index), now)
-            return st.had_stores
+                    self._use(group_key(key, g.index), now)
+            if st.load is not None:
+                # Aborted while its load is in flight: vLLM frees the blocks when the
+                # load is reported finished (finished_recving), never before.
+                return False
+            if st.store_jobs:
+                self._await_sending.add(request.request_id)
+                return True
+            return False
 
     # ------------------------------------------------------------- reporting
     def take_stats(self):
@@ -595,14 +748,43 @@ class KVTierScheduler:
                 self._step = None
                 if tokens >= PREFILL_STEP_TOKENS:
                     self.cost.observe_prefill(tokens, time.perf_counter() - t0)
-            for tier in (self.dram, self.disk):
+            L = self.ledger
+            for tier in (L.dram, L.disk):
                 if tier is None:
                     continue
                 for cause, n in tier.stats.evictions.items():
                     self.stats.counters.setdefault("kvtier_evictions_total", {})[
                         f"cause={cause},tier={tier.name}"] = n
-                size = self.geometry.slot_bytes * self.tp_size if tier is self.dram else 1
+                size = self.geometry.slot_bytes * self.tp_size if tier is L.dram else 1
                 self.stats.set("kvtier_occupancy_bytes", tier.used * size, tier=tier.name)
                 self.stats.set("kvtier_capacity_bytes", tier.capacity * size, tier=tier.name)
                 self.stats.set("kvtier_blocks", len(tier), tier=tier.name)
             return self.stats.take()
+
+    # ------------------------------------------------------------- invariants
+    def check_invariants(self, idle: bool = False) -> None:
+        """Assert what must always hold (tests): the ledger's own invariants, pins
+        accounted for by in-flight work, nothing unready that nothing fills."""
+        L = self.ledger
+        L.check()
+        expect: dict[int, int] = {}   # id(block) -> pins that in-flight work holds
+
+        def hold(b: Block):
+            expect[id(b)] = expect.get(id(b), 0) + 1
+        for p in self._pending_hits.values():
+            for h in p.hits:
+                hold(h.entry)
+        for plan in self._loads.values():
+            for b in plan.dram_readers + plan.disk_readers:
+                hold(b)
+        for table in (self._store_jobs, self._writes, self._stages):
+            for p in table.values():
+                for b in p.blocks + p.readers:
+                    hold(b)
+        for _, b in L.blocks():
+            assert b.pins == expect.get(id(b), 0), (b, expect.get(id(b), 0))
+            if b.state is not State.READY:
+                assert b.pins >= 1, f"{b} is not ready and nothing fills it"
+        if idle:
+            assert not expect, f"pins held while idle: {self._pending_hits} {self._loads} {self._store_jobs} {self._writes} {self._stages}"
+            assert L.held_slots == 0 and self._staging == 0

@@ -25,9 +25,9 @@ I/O: through the native engine (``kvtier._copy_engine.IoEngine``, csrc/io_*)
 when the extension has it, else in Python; same files, same checks. The
 native engine does a record's whole open/write/fsync/rename (or open/read)
 with the GIL released, and takes batches (``write_batch``/``read_batch``: a
-store or load job at once, spread over its threads or io_uring). The
+store or load job at once, spread over its threads). The
 ``KVTIER_NATIVE_IO`` environment variable (or ``DiskStore(native_io=...)``)
-picks: ``auto`` (default), ``threads``, ``io_uring``, ``off`` (Python).
+picks: ``auto`` (default), ``threads`` (native, required), ``off`` (Python).
 """
 
 from __future__ import annotations
@@ -61,11 +61,8 @@ try:
 except (ImportError, AttributeError):   # not built, or built before csrc/io_engine.cpp
     _native = _IoEngine = _scan_records = None
 
-NATIVE_IO_MODES = ("auto", "threads", "io_uring", "off")
+NATIVE_IO_MODES = ("auto", "threads", "off")
 _FORKED_ENGINES: list = []   # engines inherited through fork(): kept, never joined
-# The native engine's default backend. "threads" measured as fast as io_uring
-# for 2-16 MiB records (docs/benchmarks.md, Store) and is the simpler one.
-DEFAULT_NATIVE_BACKEND = "threads"
 
 MAGIC = b"KVTIERB\x00"
 HEADER_BYTES = PAGE
@@ -73,6 +70,12 @@ HEADER_BYTES = PAGE
 # checksum, created
 _HEADER = struct.Struct("<8sII16s16sIIQQd")
 _HEADER_CRC = struct.Struct("<Q")
+
+
+# Read failures that prove a record unusable (it is then removed); an I/O error
+# or an internal error proves nothing about the record.
+RECORD_FAULTS = ("missing", "checksum", "bad_header", "truncated", "wrong_key",
+                 "wrong_namespace")
 
 
 class RecordError(Exception):
@@ -164,9 +167,9 @@ class DiskStore:
     ~1/3 of O_DIRECT write bandwidth); writing over an evicted record's blocks
     does not. The files are within the budget: the scheduler, which evicts,
     keeps ``free_files`` records of its disk budget for them.
-    ``native_io``: ``auto`` | ``threads`` | ``io_uring`` | ``off`` (default: the
+    ``native_io``: ``auto`` | ``threads`` | ``off`` (default: the
     ``KVTIER_NATIVE_IO`` environment variable, else ``auto``). ``io_backend``
-    says what is used: ``"threads"``, ``"io_uring"`` or ``"python"``.
+    says what is used: ``"threads"`` (native) or ``"python"``.
     """
 
     def __init__(self, root: str | os.PathLike, namespace: bytes, rank: int, tp_size: int,
@@ -197,9 +200,14 @@ class DiskStore:
         self._engine_lock = threading.Lock()
         self._py_pool: ThreadPoolExecutor | None = None
 
+    def start(self) -> None:
+        """Start the I/O engine's threads now rather than in the first read."""
+        if self._io is not None:
+            self._io.read_records([])
+
     @staticmethod
     def _pick_backend(mode: str | None) -> str:
-        """"threads" / "io_uring" (native engine) or "python", from ``native_io``."""
+        """"threads" (native engine) or "python", from ``native_io``."""
         mode = (mode or os.environ.get("KVTIER_NATIVE_IO") or "auto").strip().lower()
         if mode in ("0", "false", "no", "python"):
             mode = "off"
@@ -212,13 +220,7 @@ class DiskStore:
                 raise RuntimeError(f"kvtier: native I/O {mode!r} asked for, but the "
                                    "kvtier._copy_engine extension has no IoEngine")
             return "python"
-        backend = DEFAULT_NATIVE_BACKEND if mode == "auto" else mode
-        if backend == "io_uring" and not _native.io_uring_available:
-            if mode == "io_uring":
-                raise RuntimeError("kvtier: io_uring I/O asked for but unavailable: "
-                                   + _native.io_uring_unavailable_reason)
-            backend = "threads"
-        return backend
+        return "threads"
 
     @property
     def _io(self):
@@ -234,8 +236,7 @@ class DiskStore:
                     _FORKED_ENGINES.append(engine[0])
                     engine = None
                 if engine is None:
-                    engine = (_IoEngine(self.io_threads, self.io_backend, self.io_threads),
-                              os.getpid())
+                    engine = (_IoEngine(self.io_threads), os.getpid())
                     self._engine = engine
         return engine[0]
 
@@ -287,48 +288,54 @@ class DiskStore:
         return list(self._py_pool.map(lambda it: fn(*it), items))
 
     # -- write ---------------------------------------------------------------
-    def write(self, key: bytes, record) -> int:
+    def write(self, key: bytes, record, reuse: bytes | None = None) -> int:
         """Publish ``record`` (header + padded payload, a page-aligned uint8 array).
+        ``reuse``: an evicted record's key whose file this write takes over (writes
+        over it); else a free file if there is one, else a new file.
 
         Raises OSError (ENOSPC, EIO, EROFS...) leaving nothing behind.
         """
-        (r,) = self.write_batch([(key, record)])
+        (r,) = self.write_batch([(key, record, reuse)])
         if isinstance(r, BaseException):
             raise r
         return r
 
-    def write_batch(self, items: Sequence[tuple[bytes, object]]) -> list:
-        """Publish several records at once: ``[(key, record)]`` -> per item the bytes
-        written, or the OSError that left nothing of that record behind."""
+    def write_batch(self, items: Sequence[tuple]) -> list:
+        """Publish several records at once: ``[(key, record[, reuse key])]`` -> per
+        item the bytes written, or the OSError that left nothing of it behind."""
+        items = [(it[0], it[1], it[2] if len(it) > 2 else None) for it in items]
         if self._io is None:
             return self._py_map(self._write_py_safe, items)
         reqs, keep, tmps = [], [], []
-        for key, record in items:
+        for key, record, reuse in items:
             buf = _bytes_view(record, writable=False)
             keep.append(buf)
             addr = buf.ctypes.data
             tmp = self._tmp_path(key)
             tmps.append(tmp)
             reqs.append((str(tmp), str(self.path(key)), addr, buf.nbytes,
-                         self._direct_ok(addr, buf.nbytes), self._take_free()))
+                         self._direct_ok(addr, buf.nbytes), self._reuse_path(reuse)))
         errs = self._io.write_records(reqs, self.fsync)
         return [buf.nbytes if e == 0 else OSError(e, os.strerror(e), str(tmp))
                 for e, buf, tmp in zip(errs, keep, tmps)]
 
-    def _write_py_safe(self, key: bytes, record):
+    def _reuse_path(self, reuse: bytes | None) -> str:
+        return str(self.path(reuse)) if reuse is not None else self._take_free()
+
+    def _write_py_safe(self, key: bytes, record, reuse: bytes | None = None):
         try:
-            return self._write_py(key, record)
+            return self._write_py(key, record, reuse)
         except OSError as e:
             return e
 
-    def _write_py(self, key: bytes, record) -> int:
+    def _write_py(self, key: bytes, record, reuse_key: bytes | None = None) -> int:
         final = self.path(key)
         tmp = self._tmp_path(key)
         view = memoryview(record).cast("B")
         addr = _bytes_view(record, writable=False).ctypes.data
         direct = os.O_DIRECT if self._direct_ok(addr, len(view)) else 0
         fd = None
-        reuse = self._take_free()
+        reuse = self._reuse_path(reuse_key)
         if reuse:
             try:
                 os.rename(reuse, tmp)
@@ -361,6 +368,12 @@ class DiskStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        if self.fsync:   # the rename is durable only once the directory is
+            dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
         return len(view)
 
     # -- read ----------------------------------------------------------------
@@ -477,7 +490,28 @@ class DiskStore:
             return ""
 
     def exists(self, key: bytes) -> bool:
-        return self.path(key).exists()
+        return self.mtime(key) is not None
+
+    def mtime(self, key: bytes) -> float | None:
+        """The record's mtime (its last use), None if there is no regular file."""
+        try:
+            st = os.stat(self.path(key), follow_symlinks=False)
+        except OSError:
+            return None
+        return st.st_mtime if stat.S_ISREG(st.st_mode) else None
+
+    def temp_files(self) -> list[tuple[str, int]]:
+        """``(path, size)`` of the files in ``tmp/`` (writes in flight, or a crash's)."""
+        out = []
+        try:
+            for f in os.scandir(self.tmp):
+                try:
+                    out.append((f.path, f.stat(follow_symlinks=False).st_size))
+                except OSError:
+                    pass
+        except OSError:
+            pass
+        return out
 
     # -- recovery ------------------------------------------------------------
     def scan(self) -> Iterator[RecordInfo]:

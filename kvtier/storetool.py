@@ -3,8 +3,9 @@
 - stats:  blocks, bytes, age histogram (by last use), per namespace and rank;
 - verify: read every record and check header, key, namespace, rank and payload
           checksum (exit 1 if any is bad; ``--delete`` removes the bad ones);
-- gc:     remove crashed writers' temp files, records unused for ``--ttl-seconds``,
-          then the least recently used blocks until ``--max-bytes`` holds.
+- gc:     remove crashed writers' temp files, blocks some rank lacks (orphans),
+          records unused for ``--ttl-seconds``, then the least recently used
+          blocks until ``--max-bytes`` holds.
 A block is all its ranks' records: gc removes them together.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 import time
 from collections import Counter, defaultdict
@@ -35,31 +37,65 @@ class Record:
     mtime: float
 
 
+def _listdir(d: Path) -> list[Path]:
+    """``d``'s entries, sorted; none if it vanished (a live server removes files)."""
+    try:
+        return sorted(d.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 def records(root: Path):
-    for ns in sorted(root.iterdir()) if root.is_dir() else ():
+    """Every published record under ``root``. Files removed while the scan runs
+    (a server evicting) are skipped, never an error."""
+    for ns in _listdir(root):
         if len(ns.name) != 32 or not ns.is_dir():
             continue
-        for rank_dir in sorted(ns.glob("rank*")):
+        for rank_dir in _listdir(ns):
+            if not rank_dir.name.startswith("rank"):
+                continue
             try:
                 rank = int(rank_dir.name[4:])
             except ValueError:
                 continue
-            for sub in rank_dir.iterdir():
+            for sub in _listdir(rank_dir):
                 if len(sub.name) != 2 or not sub.is_dir():
                     continue
-                for f in sub.iterdir():
-                    if len(f.name) == 32:
-                        st = f.stat()
+                for f in _listdir(sub):
+                    if len(f.name) != 32:
+                        continue
+                    try:
+                        st = f.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISREG(st.st_mode):
                         yield Record(f, ns.name, rank, f.name, st.st_size, st.st_mtime)
 
 
+def _files(root: Path, pattern: str) -> list[tuple[Path, os.stat_result]]:
+    out = []
+    for f in root.glob(pattern):
+        try:
+            st = f.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            out.append((f, st))
+    return out
+
+
 def temp_files(root: Path):
-    return [f for f in root.glob("*/rank*/tmp/*") if f.is_file()]
+    return [f for f, _ in _files(root, "*/rank*/tmp/*")]
 
 
 def free_files(root: Path):
     """Evicted records kept for writes to overwrite (store.DiskStore.free_files)."""
-    return [f for f in root.glob("*/rank*/free/*") if f.is_file()]
+    return [f for f, _ in _files(root, "*/rank*/free/*")]
+
+
+def ranks_of(root: Path, namespace: str) -> int:
+    """How many TP ranks write this namespace (its rank directories)."""
+    return sum(1 for d in _listdir(root / namespace) if d.name.startswith("rank"))
 
 
 def cmd_stats(root: Path, as_json: bool) -> int:
@@ -105,6 +141,8 @@ def check_file(r: Record) -> str | None:
             return "checksum"
     except RecordError as e:
         return e.reason
+    except FileNotFoundError:
+        return None   # removed since the scan saw it (a server evicting): not bad
     except OSError:
         return "io_error"
     return None
@@ -134,10 +172,10 @@ def cmd_verify(root: Path, delete: bool, as_json: bool) -> int:
 
 def cmd_gc(root: Path, ttl: float, max_bytes: float, dry_run: bool, as_json: bool) -> int:
     now = time.time()
-    removed = {"temp": 0, "free": 0, "expired": 0, "over_budget": 0}
+    removed = {"temp": 0, "free": 0, "orphan": 0, "expired": 0, "over_budget": 0}
     freed = 0
-    for f in temp_files(root):
-        if now - f.stat().st_mtime > 600:
+    for f, st in _files(root, "*/rank*/tmp/*"):
+        if now - st.st_mtime > 600:
             removed["temp"] += 1
             if not dry_run:
                 f.unlink(missing_ok=True)
@@ -158,9 +196,12 @@ def cmd_gc(root: Path, ttl: float, max_bytes: float, dry_run: bool, as_json: boo
                 r.path.unlink(missing_ok=True)
 
     live = []
-    for group in blocks.values():
+    ranks = {ns: ranks_of(root, ns) for ns, _ in blocks}
+    for (ns, _), group in blocks.items():
         last_use = max(r.mtime for r in group)
-        if now - last_use >= ttl:
+        if len({r.rank for r in group}) < ranks[ns]:
+            drop(group, "orphan")   # some rank lacks its part: never loadable
+        elif now - last_use >= ttl:
             drop(group, "expired")
         else:
             live.append((last_use, group))

@@ -4,15 +4,29 @@ Threads:
 - one *copy thread* runs GPU<->DRAM copies in order (the copy engine itself may
   use many threads or a CUDA stream); the forward pass never waits for it,
   except when a preemption frees GPU blocks that a queued copy still reads;
-- an *I/O pool* writes DRAM slots through to the disk store and reads records
-  back into DRAM slots, verifying each before it can reach the GPU.
+- a *read pool* reads records into DRAM slots, verifying each before it can
+  reach the GPU; a separate *write pool* writes slots through to disk, so a
+  load never queues behind write-through.
 
 Stores: after the step's forward (``wait_for_save``) the newly full blocks are
-gathered into their DRAM slots, then written through to disk. Loads: records
-are read into their slots in parallel, then scattered into the request's GPU
-blocks; blocks that failed (missing, corrupt, wrong namespace, I/O error) are
-reported to vLLM, which recomputes them. Completions go back to the scheduler
-through ``KVTierWorkerMeta`` and vLLM's finished-sending/receiving sets.
+gathered into their DRAM slots, then written through to disk. Loads: the
+job's records are read into their slots, then scattered into the request's GPU
+blocks; a long hit streamed through a few scratch slots goes in waves (read,
+scatter, reuse the slots). Blocks that failed (missing, corrupt, wrong
+namespace, I/O error, anything unexpected) are reported to vLLM, which
+recomputes them.
+
+This rank knows which key each slot holds (``_slot_key``: set when a copy or a
+read into the slot succeeded, cleared when one starts or fails). A scatter
+from a slot that does not hold the expected key fails the block instead: a
+bookkeeping error can cost a recompute, never wrong KV. A load that joins
+another request's read of the same record waits for that read.
+
+Which vLLM stream each copy is ordered against: a gather waits for the event
+recorded on the compute stream after the forward that wrote the pages
+(``wait_for_save``); a scatter waits for the event recorded when the step's
+loads start (``start_load_kv``), which follows vLLM's zeroing of newly
+allocated pages and the step's forward on the same stream.
 """
 
 from __future__ import annotations
@@ -20,9 +34,11 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -30,15 +46,44 @@ import xxhash
 
 from kvtier.config import KVTierConfig
 from kvtier.copy import HostPool, KVLayout, make_copy_engine
-from kvtier.metadata import NO_SLOT, KVTierMetadata, KVTierWorkerMeta, LoadJob, StoreJob
+from kvtier.metadata import (FROM_SLOT, NO_SLOT, READ, STREAM, KVTierMetadata, KVTierWorkerMeta,
+                             LoadItem, LoadJob, StoreItem, StoreJob)
 from kvtier.slots import SlotGeometry
-from kvtier.store import HEADER_BYTES, DiskStore, RecordError, pack_header
+from kvtier.store import HEADER_BYTES, RECORD_FAULTS, DiskStore, RecordError, pack_header
 
 log = logging.getLogger("vllm.kvtier.worker")
 
 DISK_BACKOFF_S = 5.0   # after ENOSPC/EIO, skip writes this long (backpressure)
-# Fault injection for tests: every disk read sleeps this long (a slow tier).
-READ_DELAY_S = float(os.environ.get("KVTIER_FAULT_READ_DELAY_S", "0") or 0)
+WRITE_QUEUE_PER_THREAD = 64
+
+
+def _env_float(name: str) -> float:
+    return float(os.environ.get(name, "0") or 0)
+
+
+# Fault injection for tests (faults this machine cannot cause for real):
+# every disk read sleeps this long (a slow tier); this fraction of reads fails
+# with EIO; KVTIER_FAULT_SCRAMBLE=1 flips the bytes of every record read after its
+# checks passed (wrong KV: the negative control of the output-equality tests).
+READ_DELAY_S = _env_float("KVTIER_FAULT_READ_DELAY_S")
+READ_ERROR_RATE = _env_float("KVTIER_FAULT_READ_ERROR_RATE")
+SCRAMBLE = os.environ.get("KVTIER_FAULT_SCRAMBLE") == "1"
+
+
+@dataclass
+class _Load:
+    """One load job on this rank: its waves, and what failed so far."""
+    job: LoadJob
+    waves: list[list[int]]          # item indices; wave k+1 reuses wave k's scratch slots
+    failed: set[int]
+    t0: float
+    fence: object = None            # scatter after this CUDA event
+    read_bytes: int = 0
+    read_secs: float = 0.0          # time the waves waited for their reads
+    wave_t0: float = 0.0
+    wave: int = 0
+    left: int = 0                   # reads and joined reads of the wave still running
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class KVTierWorker:
@@ -59,16 +104,20 @@ class KVTierWorker:
         self._out = KVTierWorkerMeta()
         self._finished_loads: set[str] = set()
         self._invalid_blocks: set[int] = set()
-        self._pending_gathers: dict[str, int] = {}   # req -> store jobs not yet in DRAM
-        self._finishing: set[str] = set()
+        self._slot_key: list[bytes | None] = [None] * geometry.num_slots
+        self._filling: dict[int, list[Callable[[], None]]] = {}   # slot -> waiters of its read
+        self._req_copies: dict[str, int] = {}   # req -> gathers and loads not yet done
+        self._awaiting: set[str] = set()        # finished reqs to report in finished_sending
         self._queued_gathers = 0
         self._gathers_idle = threading.Condition(self._lock)
         self._pending_writes = 0
         self._disk_backoff_until = 0.0
+        self._rng = random.Random(rank)
 
         self._copy_q: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._copy_thread: threading.Thread | None = None
-        self._io: ThreadPoolExecutor | None = None
+        self._reads: ThreadPoolExecutor | None = None
+        self._writes: ThreadPoolExecutor | None = None
 
     # -- set-up --------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], num_blocks: int,
@@ -92,14 +141,18 @@ class KVTierWorker:
                 self.pool = HostPool(self.geometry.num_slots, self.geometry.slot_bytes,
                                      pin=self.cuda)
             self.engines.append(make_copy_engine(layout, sub, self.pool, HEADER_BYTES))
+        if not self.pool.pinned:
+            self.pool.prefault()   # first touches would otherwise land in the first loads
         if self.cfg.disk_enabled:
             self.store = DiskStore(self.cfg.disk_path, self.namespace, self.rank, self.tp_size,
-                                   o_direct=self.cfg.o_direct, fsync=self.cfg.fsync)
-            self.store.sweep_temp()
+                                   o_direct=self.cfg.o_direct, fsync=self.cfg.fsync,
+                                   io_threads=self.cfg.io_threads)
+            self.store.start()
         self._copy_thread = threading.Thread(target=self._copy_loop, name="kvtier-copy",
                                              daemon=True)
         self._copy_thread.start()
-        self._io = ThreadPoolExecutor(self.cfg.io_threads, thread_name_prefix="kvtier-io")
+        self._reads = ThreadPoolExecutor(self.cfg.io_threads, thread_name_prefix="kvtier-read")
+        self._writes = ThreadPoolExecutor(self.cfg.io_threads, thread_name_prefix="kvtier-write")
         log.info("kvtier worker rank %d: %d DRAM slots x %d B (%s engine), disk: %s%s",
                  self.rank, self.geometry.num_slots, self.geometry.slot_bytes,
                  getattr(self.engines[0], "name", "?"),
@@ -111,29 +164,36 @@ class KVTierWorker:
         if meta.flush_gathers:
             self.flush_gathers()
 
+    def _fence(self):
+        return torch.cuda.current_stream().record_event() if self.cuda else None
+
     def submit_stores(self, meta: KVTierMetadata) -> None:
         """After the forward: queue the step's newly full blocks for offload."""
         if not meta.stores or not self.engines:
             return
-        fence = torch.cuda.current_stream().record_event() if self.cuda else None
+        fence = self._fence()
         with self._lock:
             for job in meta.stores:
-                self._pending_gathers[job.req_id] = self._pending_gathers.get(job.req_id, 0) + 1
+                self._req_copies[job.req_id] = self._req_copies.get(job.req_id, 0) + 1
+                for it in job.items:
+                    self._slot_key[it.slot] = None   # being overwritten
             self._queued_gathers += len(meta.stores)
         for job in meta.stores:
             self._copy_q.put(lambda job=job: self._run_store(job, fence))
 
     def submit_loads(self, meta: KVTierMetadata) -> None:
+        with self._lock:
+            self._awaiting |= meta.await_sending
+        if not meta.loads:
+            return
+        fence = self._fence()
         for job in meta.loads:
-            self._start_load(job)
+            self._start_load(job, fence)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         with self._lock:
-            self._finishing |= {r for r in finished_req_ids if r in self._pending_gathers}
-            sending = {r for r in self._finishing if self._pending_gathers[r] == 0}
-            for r in sending:
-                del self._pending_gathers[r]
-            self._finishing -= sending
+            sending = {r for r in self._awaiting if not self._req_copies.get(r)}
+            self._awaiting -= sending
             recving, self._finished_loads = self._finished_loads, set()
         return sending or None, recving or None
 
@@ -147,6 +207,12 @@ class KVTierWorker:
             out, self._out = self._out, KVTierWorkerMeta()
         return None if out.empty() else out
 
+    def idle(self) -> bool:
+        """No copy, read or write in flight (tests)."""
+        with self._lock:
+            return not (self._req_copies or self._queued_gathers or self._pending_writes
+                        or self._filling)
+
     def flush_gathers(self) -> None:
         """Block until every queued GPU->DRAM copy is done (GPU blocks may be freed)."""
         with self._gathers_idle:
@@ -158,16 +224,17 @@ class KVTierWorker:
             self._copy_q.put(None)
             self._copy_thread.join()
             self._copy_thread = None
-        if self._io is not None:
-            self._io.shutdown(wait=True)
-            self._io = None
+        for pool in (self._reads, self._writes):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._reads = self._writes = None
         for engine in self.engines:   # before the pool: a pinned pool must outlive them
             if hasattr(engine, "close"):
                 engine.close()
         if self.pool is not None:
             self.pool.close()
 
-    # -- stores --------------------------------------------------------------
+    # -- bookkeeping -----------------------------------------------------------
     def _copy_loop(self) -> None:
         while True:
             task = self._copy_q.get()
@@ -178,6 +245,19 @@ class KVTierWorker:
             except Exception:  # a bug: keep the engine alive, never serve the bytes
                 log.exception("kvtier copy task failed")
 
+    @staticmethod
+    def _count(d: dict, k, n: int = 1) -> None:
+        d[k] = d.get(k, 0) + n
+
+    def _copy_done(self, req_id: str) -> None:
+        """With the lock held: one of the request's copies (a gather, a load) ended."""
+        n = self._req_copies[req_id] - 1
+        if n:
+            self._req_copies[req_id] = n
+        else:
+            del self._req_copies[req_id]
+
+    # -- stores --------------------------------------------------------------
     def _run_store(self, job: StoreJob, fence) -> None:
         ok = True
         try:
@@ -188,42 +268,53 @@ class KVTierWorker:
         except Exception:
             log.exception("kvtier: gather failed; dropping %d blocks", len(job.items))
             ok = False
+        writes = [it for it in job.items if it.to_disk]
         with self._gathers_idle:
             self._queued_gathers -= 1
-            self._pending_gathers[job.req_id] -= 1
+            self._copy_done(job.req_id)
             if ok:
-                self._out.stored[job.job_id] = self._out.stored.get(job.job_id, 0) + 1
+                for it in job.items:
+                    self._slot_key[it.slot] = it.key
+                self._count(self._out.stored, job.job_id)
             else:
                 self._count(self._out.store_failed, job.job_id)
                 self._count(self._out.fail_reasons, "gather", len(job.items))
-                for it in job.items:   # the scheduler waits for every rank's write result
-                    if it.to_disk:
-                        self._count(self._out.write_failed, it.key)
+            # Writes are counted in flight before the gather is seen done (idle()).
+            busy = (self._pending_writes + len(writes)
+                    > self.cfg.io_threads * WRITE_QUEUE_PER_THREAD)
+            skip = (not ok or self.store is None or busy
+                    or time.monotonic() < self._disk_backoff_until)
+            if not skip:
+                self._pending_writes += len(writes)
             self._gathers_idle.notify_all()
-        if ok and self.store is not None:
-            for it in job.items:
-                if it.to_disk:
-                    self._queue_write(it.key, it.slot)
+        for it in writes:
+            if skip:   # the scheduler waits for every rank's write answer
+                self._write_skipped(it, "backpressure" if ok and self.store is not None
+                                    else None)
+            else:
+                self._writes.submit(self._write, it)
 
-    def _queue_write(self, key: bytes, slot: int) -> None:
-        now = time.monotonic()
+    def _write_skipped(self, it: StoreItem, reason: str | None = None) -> None:
+        """A write that will not happen: answer for it, and free the file it was
+        to take over (the scheduler counts that file as this write's)."""
+        if it.reuse is not None and self.store is not None:
+            try:
+                self.store.remove(it.reuse)
+            except OSError as e:
+                log.warning("kvtier: removing record %s failed: %s", it.reuse.hex(), e)
         with self._lock:
-            busy = self._pending_writes >= self.cfg.io_threads * 64
-            if now < self._disk_backoff_until or busy:
-                self._count(self._out.write_failed, key)
-                self._count(self._out.fail_reasons, "backpressure")
-                return
-            self._pending_writes += 1
-        self._io.submit(self._write, key, slot)
+            self._count(self._out.write_failed, it.key)
+            if reason:
+                self._count(self._out.fail_reasons, reason)
 
-    def _write(self, key: bytes, slot: int) -> None:
-        rec = self.pool.slot(slot)
+    def _write(self, it: StoreItem) -> None:
+        rec = self.pool.slot(it.slot)
         plen = self.geometry.payload_bytes
         ok = False
         try:
             checksum = xxhash.xxh3_64_intdigest(rec[HEADER_BYTES:HEADER_BYTES + plen])
-            pack_header(rec, self.namespace, key, self.rank, self.tp_size, plen, checksum)
-            self.store.write(key, rec[:self.geometry.record_bytes])
+            pack_header(rec, self.namespace, it.key, self.rank, self.tp_size, plen, checksum)
+            self.store.write(it.key, rec[:self.geometry.record_bytes], reuse=it.reuse)
             ok = True
         except OSError as e:
             log.warning("kvtier: disk write failed (%s); skipping disk stores for %.0f s",
@@ -233,79 +324,146 @@ class KVTierWorker:
                 self._count(self._out.fail_reasons, "write_error")
         except Exception:
             log.exception("kvtier: disk write failed")
+        if not ok and it.reuse is not None:
+            try:   # the write may have failed before it took the file over
+                self.store.remove(it.reuse)
+            except OSError:
+                pass
         with self._lock:
             self._pending_writes -= 1
-            self._count(self._out.written if ok else self._out.write_failed, key)
+            self._count(self._out.written if ok else self._out.write_failed, it.key)
 
     # -- loads ---------------------------------------------------------------
-    def _start_load(self, job: LoadJob) -> None:
-        t0 = time.perf_counter()
-        reads = [it for it in job.items if it.from_disk and it.slot != NO_SLOT]
-        failed: set[int] = {i for i, it in enumerate(job.items) if it.slot == NO_SLOT}
-        if failed:
-            with self._lock:
-                self._count(self._out.fail_reasons, "no_staging_slot", len(failed))
-        if not reads or self.store is None:
-            failed |= {i for i, it in enumerate(job.items) if it.from_disk}
-            self._copy_q.put(lambda: self._finish_load(job, failed))
-            return
-        state = {"left": len(reads)}
-        index = {id(it): i for i, it in enumerate(job.items)}
-        lock = threading.Lock()
+    def _start_load(self, job: LoadJob, fence) -> None:
+        items = job.items
+        failed = {i for i, it in enumerate(items) if it.slot == NO_SLOT}
+        stream = [i for i, it in enumerate(items) if it.kind == STREAM and i not in failed]
+        width = max(1, len({items[i].slot for i in stream}))
+        first = [i for i, it in enumerate(items) if it.kind != STREAM and i not in failed]
+        waves = [first + stream[:width]] + [stream[k:k + width]
+                                            for k in range(width, len(stream), width)]
+        load = _Load(job, waves, failed, time.perf_counter(), fence)
+        with self._lock:
+            self._req_copies[job.req_id] = self._req_copies.get(job.req_id, 0) + 1
+            if failed:
+                self._count(self._out.fail_reasons, "no_staging_slot",
+                            sum(1 for i in failed if items[i].key))
+        self._run_wave(load)
 
-        def read_one(it):
-            reason = None
+    def _run_wave(self, load: _Load) -> None:
+        """Start the wave's reads (and wait for the reads it joins); scatter when done."""
+        items = load.job.items
+        wave = load.waves[load.wave]
+        reads = [i for i in wave if items[i].kind in (READ, STREAM)]
+        if reads and self.store is None:
+            load.failed.update(reads)
+            reads = []
+        with self._lock:
+            joins = [i for i in wave if items[i].kind == FROM_SLOT and items[i].slot in self._filling]
+            for i in reads:
+                slot = items[i].slot
+                self._slot_key[slot] = None
+                self._filling.setdefault(slot, [])
+            load.left = len(reads) + len(joins) + 1   # +1: this call
+            load.wave_t0 = time.perf_counter()
+            for i in joins:
+                self._filling[items[i].slot].append(lambda: self._wave_part_done(load))
+        if reads:
+            self._reads.submit(self._read_wave, load, reads)
+        self._wave_part_done(load)
+
+    def _wave_part_done(self, load: _Load, n: int = 1) -> None:
+        with load.lock:
+            load.left -= n
+            last = load.left == 0
+        if last:
+            load.read_secs += time.perf_counter() - load.wave_t0
+            self._copy_q.put(lambda: self._scatter_wave(load))
+
+    def _read_wave(self, load: _Load, reads: list[int]) -> None:
+        """Read the wave's records into their slots in one batch (the native engine
+        spreads it over its threads, the GIL released throughout), then check each."""
+        items = load.job.items
+        plen = self.geometry.payload_bytes
+        try:
             if READ_DELAY_S:
                 time.sleep(READ_DELAY_S)
-            try:
-                self.store.read(it.key, self.pool.slot(it.slot), self.geometry.payload_bytes)
-            except RecordError as e:
-                reason = e.reason
-            except OSError:
-                reason = "io_error"
-            with lock:
-                if reason is not None:
-                    failed.add(index[id(it)])
-                    with self._lock:
-                        self._count(self._out.fail_reasons, reason)
-                state["left"] -= 1
-                last = state["left"] == 0
-            if reason is not None and reason != "missing":
-                log.warning("kvtier: record %s unusable (%s): recomputing", it.key.hex(), reason)
-            if last:
-                with self._lock:
-                    self._out.load_timings.append(
-                        ("disk", len(reads) * self.geometry.record_bytes, time.perf_counter() - t0))
-                self._copy_q.put(lambda: self._finish_load(job, failed))
+            results = self.store.read_batch(
+                [(items[i].key, self.pool.slot(items[i].slot), plen) for i in reads])
+        except Exception as e:   # a bug: every block is recomputed, the load still ends
+            log.exception("kvtier: reading %d records failed", len(reads))
+            results = [e] * len(reads)
+        waiters = []
+        with self._lock:
+            for i, res in zip(reads, results):
+                it = items[i]
+                if res is None and READ_ERROR_RATE and self._rng.random() < READ_ERROR_RATE:
+                    res = OSError(5, "injected read fault (KVTIER_FAULT_READ_ERROR_RATE)")
+                reason = (None if res is None else res.reason if isinstance(res, RecordError)
+                          else "io_error" if isinstance(res, OSError) else "internal")
+                if reason is None:
+                    if SCRAMBLE:   # the whole payload: wrong KV, for negative controls
+                        self.pool.slot(it.slot)[HEADER_BYTES:HEADER_BYTES + plen] ^= 0x5A
+                    self._slot_key[it.slot] = it.key
+                    load.read_bytes += self.geometry.record_bytes
+                else:
+                    load.failed.add(i)
+                    self._count(self._out.fail_reasons, reason)
+                    if reason in RECORD_FAULTS:
+                        self._count(self._out.bad_records, it.key)
+                    if reason != "missing":
+                        log.warning("kvtier: record %s unusable (%s): recomputing",
+                                    it.key.hex(), reason)
+                if it.kind == READ:
+                    self._count(self._out.staged if reason is None else self._out.stage_failed,
+                                it.key)
+                waiters += self._filling.pop(it.slot, [])
+        for wake in waiters:
+            wake()
+        self._wave_part_done(load, len(reads))
 
-        for it in reads:
-            self._io.submit(read_one, it)
-
-    def _finish_load(self, job: LoadJob, failed: set[int]) -> None:
-        good = [it for i, it in enumerate(job.items) if i not in failed]
+    def _scatter_wave(self, load: _Load) -> None:
+        items = load.job.items
+        wave = load.waves[load.wave]
+        good = []
+        with self._lock:
+            for i in wave:
+                if i in load.failed:
+                    continue
+                if self._slot_key[items[i].slot] != items[i].key:
+                    # A joined read failed on this rank, or (a bug) the slot holds
+                    # something else: recompute, never scatter foreign bytes.
+                    load.failed.add(i)
+                    self._count(self._out.fail_reasons, "slot_mismatch")
+                    continue
+                good.append(items[i])
         t0 = time.perf_counter()
         try:
-            for group, items in by_group(good):
-                self.engines[group].scatter([it.slot for it in items], [it.block for it in items])
+            if good and load.fence is not None:
+                load.fence.synchronize()
+            for group, its in by_group(good):
+                self.engines[group].scatter([it.slot for it in its], [it.block for it in its])
         except Exception:
             log.exception("kvtier: scatter failed; recomputing %d blocks", len(good))
             with self._lock:
                 self._count(self._out.fail_reasons, "scatter", len(good))
-            failed = set(range(len(job.items)))
+            load.failed.update(wave)
             good = []
         secs = time.perf_counter() - t0
         with self._lock:
             if good:   # DRAM -> GPU phase (disk reads are timed on their own)
                 self._out.load_timings.append(("dram", len(good) * self.layout.block_bytes, secs))
-            for i in failed:
-                it = job.items[i]
-                self._invalid_blocks.add(it.block)
-                self._count(self._out.load_failed, it.key)
-            self._finished_loads.add(job.req_id)
-
-    @staticmethod
-    def _count(d: dict, k, n: int = 1) -> None:
-        d[k] = d.get(k, 0) + n
+        load.wave += 1
+        if load.wave < len(load.waves):
+            self._run_wave(load)
+            return
+        with self._lock:
+            if load.read_bytes:   # disk -> DRAM phase (the scatters are timed as "dram")
+                self._out.load_timings.append(("disk", load.read_bytes, load.read_secs))
+            for i in load.failed:
+                self._invalid_blocks.add(items[i].block)
+            self._finished_loads.add(load.job.req_id)
+            self._copy_done(load.job.req_id)
 
 
 def by_group(items):

@@ -15,7 +15,7 @@ import pytest
 
 from kvtier.serving import metric_value
 from tests.conftest import ROOT, needs_vllm
-from tests.helpers import FULL_BLOCK_TOKENS, cached, prompts, server, wait_records
+from tests.helpers import FULL_BLOCK_TOKENS, cached, prompts, same_greedy, server, wait_records
 
 pytestmark = [pytest.mark.e2e, needs_vllm]
 
@@ -98,9 +98,10 @@ def test_reload_equals_recompute(kvtier_rounds, baseline_rounds):
             for tok, lp in got.items():
                 if tok in want:
                     assert abs(lp - want[tok]) <= TOL, (r["prompt"], j, tok)
-    # And the same as plain vLLM (no connector at all).
-    base = {r["prompt"]: r["output"] for r in baseline_rounds if r["round"] == 0}
-    assert {p: r["output"] for p, r in first.items()} == base
+    # And the same as plain vLLM (no connector at all), up to near ties (helpers).
+    base = {r["prompt"]: r for r in baseline_rounds if r["round"] == 0}
+    for p, r in first.items():
+        assert same_greedy(r["output"], r["top"], base[p]["output"], base[p]["top"]), p
 
 
 # ---------------------------------------------------------------- server tests

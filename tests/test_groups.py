@@ -9,7 +9,7 @@ import torch
 from kvtier.config import KVTierConfig
 from kvtier.groups import NULL_BLOCK, KVGroup, group_key, groups_of
 from kvtier.keys import KeyChain, root_key
-from kvtier.scheduler import DRAM, DramBlock, KVTierScheduler
+from kvtier.scheduler import DRAM, KVTierScheduler
 from kvtier.slots import SlotGeometry
 from tests.conftest import needs_vllm
 
@@ -100,8 +100,9 @@ def keys_of(tokens):
 
 
 def put(s, key):
-    entry = s.dram.add(key, 1, s.clock(), value=DramBlock(s.slots.take(), True))
-    assert entry is not None
+    block = s.ledger.begin_store(key, s.clock())
+    assert block is not None
+    s.ledger.end_store(block, True)
 
 
 TOKENS = list(range(20 * BS + 5))   # 20 full blocks; hits can cover blocks 0..19
@@ -172,9 +173,11 @@ def test_fewer_tokens_accepted_fails_window_pages_the_hit_did_not_cover():
     assert loaded == {(0, 100 + i) for i in range(18)} | {(1, 217)}
     assert failed == {(1, 215), (1, 216)}      # reported to vLLM: recomputed from there
     # the pins of blocks beyond the accepted hit (and block 18, 19 of the window) are gone
-    assert s.dram.peek(group_key(keys[19], 0)).pins == 0
-    assert s.dram.peek(group_key(keys[19], 1)).pins == 0
-    assert s.dram.peek(group_key(keys[17], 1)).pins == 1
+    pins = lambda key: s.ledger.dram.peek(key).value.pins
+    assert pins(group_key(keys[19], 0)) == 0
+    assert pins(group_key(keys[19], 1)) == 0
+    assert pins(group_key(keys[17], 1)) == 1
+    s.check_invariants()
 
 
 def test_stores_skip_null_window_pages_and_ask_for_a_flush():

@@ -39,8 +39,6 @@ def backends() -> list[str]:
     out = ["off"]
     if store_mod._IoEngine is not None:
         out.append("threads")
-        if store_mod._native.io_uring_available:
-            out.append("io_uring")
     return out
 
 
@@ -119,7 +117,7 @@ def test_backend_selection(tmp_path, monkeypatch):
         make(tmp_path / "x", "bogus")
     if store_mod._IoEngine is not None:
         monkeypatch.setenv("KVTIER_NATIVE_IO", "auto")
-        assert DiskStore(tmp_path / "a", NS, 0, 1).io_backend == store_mod.DEFAULT_NATIVE_BACKEND
+        assert DiskStore(tmp_path / "a", NS, 0, 1).io_backend == "threads"
         assert make(tmp_path / "t", "threads").io_backend == "threads"
 
 
@@ -431,13 +429,10 @@ def test_removed_records_are_overwritten_by_later_writes(tmp_path, pool, backend
     assert e.value.reason == "missing"
     new = [key(10 + i) for i in range(3)]
     recs = [fill(pool, i, k).copy() for i, k in enumerate(new)]
-    if backend == "io_uring":   # the io_uring backend always makes new files
-        s.write_batch([(k, pool.slot(i)[:REC]) for i, k in enumerate(new)])
-    else:
-        for i, k in enumerate(new):
-            s.write(k, pool.slot(i)[:REC])
-        assert not os.listdir(s.free)                               # both taken
-        assert len(inodes & {s.path(k).stat().st_ino for k in new}) == 2   # written over
+    for i, k in enumerate(new):
+        s.write(k, pool.slot(i)[:REC])
+    assert not os.listdir(s.free)                               # both taken
+    assert len(inodes & {s.path(k).stat().st_ino for k in new}) == 2   # written over
     for i, k in enumerate(new):
         s.read(k, pool.slot(7), PAYLOAD)
         assert np.array_equal(pool.slot(7)[:REC], recs[i])
@@ -448,8 +443,6 @@ def test_removed_records_are_overwritten_by_later_writes(tmp_path, pool, backend
 
 
 def test_a_longer_free_file_is_cut_to_the_record(tmp_path, pool, backend):
-    if backend == "io_uring":
-        pytest.skip("the io_uring backend does not reuse free files")
     s = make(tmp_path / "kv", backend, free_files=4)
     (s.free / "big").write_bytes(b"\xff" * (3 * REC))
     k = key(1)

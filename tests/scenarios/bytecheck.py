@@ -31,8 +31,8 @@ def main():
         return torch.cat([kv[n][block].reshape(-1).view(torch.uint8).clone()
                           for n in group_layers[group]])
 
-    register, submit, finish = (W.KVTierWorker.register_kv_caches,
-                                W.KVTierWorker.submit_stores, W.KVTierWorker._finish_load)
+    register, submit, scatter = (W.KVTierWorker.register_kv_caches,
+                                 W.KVTierWorker.submit_stores, W.KVTierWorker._scatter_wave)
 
     def register_kv_caches(self, kv_caches, num_blocks, layout, groups=()):
         kv.update(kv_caches)
@@ -45,19 +45,21 @@ def main():
                 at_store[it.key] = page(it.group, it.block)
         return submit(self, meta)
 
-    def finish_load(self, job, failed):
-        finish(self, job, failed)
-        for i, it in enumerate(job.items):
-            if i in failed or it.key not in at_store:
+    def scatter_wave(self, load):
+        wave = list(load.waves[load.wave])
+        scatter(self, load)   # this wave's scatter (the next wave only starts its reads)
+        for i in wave:
+            it = load.job.items[i]
+            if i in load.failed or it.key not in at_store:
                 continue
             checked["pages"] += 1
             checked["by_group"][it.group] = checked["by_group"].get(it.group, 0) + 1
             if not torch.equal(page(it.group, it.block), at_store[it.key]):
-                checked["mismatch"].append([job.req_id, it.key.hex(), it.group, it.block])
+                checked["mismatch"].append([load.job.req_id, it.key.hex(), it.group, it.block])
 
     W.KVTierWorker.register_kv_caches = register_kv_caches
     W.KVTierWorker.submit_stores = submit_stores
-    W.KVTierWorker._finish_load = finish_load
+    W.KVTierWorker._scatter_wave = scatter_wave
 
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
@@ -66,7 +68,7 @@ def main():
               num_gpu_blocks_override=opts.get("gpu_blocks", 56), gpu_memory_utilization=0.2,
               seed=0, kv_transfer_config=KVTransferConfig(
                   kv_connector="KVTierConnector", kv_connector_module_path="kvtier.connector",
-                  kv_role="kv_both", kv_connector_extra_config=opts.get("extra", {})))
+                  kv_role="kv_both", kv_connector_extra_config={"load_policy": "always", **opts.get("extra", {})}))
     hma = not llm.llm_engine.vllm_config.scheduler_config.disable_hybrid_kv_cache_manager
     rng = random.Random(opts.get("seed", 0))
     prompts = [[rng.randrange(0, 256) for _ in range(opts.get("length", 750))]

@@ -19,7 +19,7 @@ def main():
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KVTierConnector", kv_connector_module_path="kvtier.connector",
             kv_role="kv_both", kv_load_failure_policy="recompute",
-            kv_connector_extra_config=opts.get("extra", {}))
+            kv_connector_extra_config={"load_policy": "always", **opts.get("extra", {})})
     llm = LLM(model=model, block_size=32, enforce_eager=True, max_model_len=1024,
               num_gpu_blocks_override=opts.get("gpu_blocks", 56), gpu_memory_utilization=0.2,
               seed=0, tensor_parallel_size=opts.get("tp", 1), **opts.get("llm", {}), **kw)
@@ -44,6 +44,7 @@ def main():
                 "cached": o.num_cached_tokens,
                 "output": list(c.token_ids),
                 "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)],
+                "top": [{str(t): v.logprob for t, v in lp.items()} for lp in c.logprobs],
                 # vLLM returns prompt logprobs only for the tokens it computed
                 # (the tail after a cache hit): keep them aligned to the end.
                 "prompt_logprobs": [None if d is None else {str(t): v.logprob
@@ -58,15 +59,17 @@ def corrupt(model, opts, prompts):
     """Flip a payload byte of one block's record on one TP rank only (a real fault)."""
     import time
 
-    from kvtier.keys import Namespace, chain_keys, root_key
+    from pathlib import Path
+
+    from kvtier.keys import chain_keys, root_key
     from kvtier.store import HEADER_BYTES, DiskStore
 
     c = opts["corrupt"]
-    ns = Namespace(model=f"{model}@", kv_dtype="bfloat16", layout="LBHNC", block_size=32,
-                   tp_size=opts.get("tp", 1))
-    keys = chain_keys(root_key(ns.digest()), prompts[c["prompt"]], 32)
-    path = DiskStore(opts["extra"]["disk_path"], ns.digest(), c["rank"], ns.tp_size).path(
-        keys[c["block"]])
+    store = Path(opts["extra"]["disk_path"])
+    (ns_dir,) = [d for d in store.iterdir() if d.is_dir()]   # this engine's namespace
+    ns = bytes.fromhex(ns_dir.name)
+    keys = chain_keys(root_key(ns), prompts[c["prompt"]], 32)
+    path = DiskStore(store, ns, c["rank"], opts.get("tp", 1)).path(keys[c["block"]])
     deadline = time.time() + 60
     while not path.exists() and time.time() < deadline:
         time.sleep(0.2)

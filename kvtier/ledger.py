@@ -1,0 +1,404 @@
+"""The block lifecycle: the one place that knows what kvtier holds, and where.
+
+Each (key, tier) is one ``Block`` in one state; states change only through
+the transitions below, each a method. No vLLM, no I/O, no clock: time is
+passed in, file work is handed out (``take_removals``).
+
+DRAM blocks (each owns exactly one slot of the host pool)::
+
+    absent --begin_store--> STORING --end_store(ok)--> READY
+                                    --end_store(fail)--> dropped
+    absent --begin_stage--> STAGING --end_stage(ok)--> READY   (a disk read, promoted)
+                                    --end_stage(fail)--> dropped
+    READY --LRU / TTL eviction (unpinned only), drop--> gone
+
+Disk blocks (one record per TP rank)::
+
+    absent --begin_write--> WRITING --end_write(ok)--> READY
+                                    --end_write(fail)--> removing
+    absent --adopt--> READY          (recovery; another process's record)
+    READY --TTL eviction, drop--> removing --removed--> absent
+    READY --LRU eviction for a write--> handed over: the write reuses the file
+
+Readers pin a block *object* (never a key): a load's scatter pins its DRAM
+block, a disk read its disk block, a disk write the DRAM block it reads. An
+in-flight fill (STORING, STAGING, WRITING) holds a pin of its own. Pinned
+blocks are never evicted. Dropping a pinned block *detaches* it: it leaves the
+index at once (never served again; the key may be stored anew) and its slot or
+file is released with its last pin. Released slots and files stay counted
+against the capacity until they are really free, so neither budget is ever
+exceeded: a DRAM slot has one owner at a time, and the disk holds at most
+``disk_capacity`` bytes of records, pending removals included.
+
+A disk write that needs room takes over the file of the block it evicts (the
+worker renames it and writes over it): no unlink, no new allocation, and the
+file count never goes over the budget. Keys being removed or handed over are
+not written or adopted again until that is done.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from kvtier.index import EVICT_CAPACITY, EVICT_DROPPED, EVICT_TTL, Entry, Tier
+
+NO_SLOT = -1
+
+
+class State(enum.Enum):
+    STORING = "storing"   # DRAM: a GPU->slot copy in flight
+    STAGING = "staging"   # DRAM: a disk->slot read in flight
+    WRITING = "writing"   # disk: a slot->file write in flight
+    READY = "ready"       # every rank confirmed the bytes
+
+
+@dataclass(eq=False)
+class Block:
+    """One key in one tier. Identity matters: pins and results refer to this object.
+    Its pins live on its tier entry (``Tier`` evicts only unpinned entries)."""
+    key: bytes
+    state: State
+    entry: Entry = field(repr=False)
+    slot: int = NO_SLOT            # DRAM: the slot it owns
+    detached: bool = False         # dropped while pinned: out of the index
+    touched: float = -math.inf     # disk: the record's mtime as last set
+    reuse: bytes | None = None     # disk, WRITING: the evicted key whose file it takes over
+
+    @property
+    def pins(self) -> int:
+        """Readers, plus one while a fill (store, stage, write) is in flight."""
+        return self.entry.pins
+
+    @pins.setter
+    def pins(self, n: int) -> None:
+        self.entry.pins = n
+
+
+@dataclass
+class LedgerStats:
+    dropped: dict[str, int] = field(default_factory=lambda: {"dram": 0, "disk": 0})
+    handovers: int = 0
+
+
+class Ledger:
+    """DRAM slots and disk records: states, pins, LRU within TTL, budgets."""
+
+    def __init__(self, num_slots: int, disk_bytes: int, record_size: int,
+                 ttl: float = math.inf, file_touch_every: float = 60.0):
+        if num_slots < 1:
+            raise ValueError("the DRAM tier needs at least one slot")
+        self.num_slots = num_slots
+        self.record_size = record_size
+        self.file_touch_every = file_touch_every
+        self._free_slots = list(range(num_slots - 1, -1, -1))
+        self.dram = Tier("dram", num_slots, ttl, on_evict=self._dram_evicted)
+        self.disk: Tier | None = None
+        if disk_bytes > 0:
+            self.disk = Tier("disk", disk_bytes, ttl, on_evict=self._disk_evicted)
+        self.disk_budget = disk_bytes
+        self.held_slots = 0           # slots of detached blocks and scratch
+        self.held_disk = 0            # bytes of detached blocks and pending removals
+        self._removing: dict[bytes, int] = {}    # key -> bytes, queued for the sweeper
+        self._handover: dict[bytes, bytes] = {}  # evicted key -> key whose write reuses it
+        self._evicting_for: bytes | None = None  # a write making room: gets the victim's file
+        self._victim: bytes | None = None
+        self._removals: list[bytes] = []         # new removals for the sweeper
+        self.stats = LedgerStats()
+
+    # ----------------------------------------------------------------- queries
+    def dram_block(self, key: bytes, now: float) -> Block | None:
+        """The live DRAM block of ``key`` (READY or STAGING), expiring it if due."""
+        e = self.dram.get(key, now)
+        return None if e is None else e.value
+
+    def disk_block(self, key: bytes, now: float) -> Block | None:
+        if self.disk is None:
+            return None
+        e = self.disk.get(key, now)
+        return None if e is None else e.value
+
+    def locate(self, key: bytes, now: float) -> tuple[str, Block] | None:
+        """Where a load of ``key`` can come from, and the block it reads: "dram"
+        (READY, or STAGING: the load joins the read in flight) or "disk" (READY)."""
+        # The hot path of every lookup (once per block): Tier.live, inlined.
+        e = self.dram._entries.get(key)
+        if e is not None and (e.pins or now - e.last_use < self.dram.ttl):
+            b = e.value
+            if b.state is State.READY or b.state is State.STAGING:
+                return "dram", b
+        if self.disk is not None:
+            e = self.disk._entries.get(key)
+            if e is not None and (e.pins or now - e.last_use < self.disk.ttl) \
+                    and e.value.state is State.READY:
+                return "disk", e.value
+        return None
+
+    def servable(self, key: bytes, now: float) -> str | None:
+        """The tier ``locate`` would load ``key`` from, or None."""
+        where = self.locate(key, now)
+        return where[0] if where else None
+
+    def writable(self, key: bytes) -> bool:
+        """A new record of ``key`` may be written (nothing of it is in flight)."""
+        return (self.disk is not None and key not in self.disk and key not in self._removing
+                and key not in self._handover)
+
+    # ------------------------------------------------------------------- pins
+    def pin(self, block: Block) -> Block:
+        block.pins += 1
+        return block
+
+    def unpin_dram(self, block: Block) -> None:
+        assert block.pins > 0, block
+        block.pins -= 1
+        if block.pins == 0 and block.detached:
+            self._give_slot(block.slot)
+            self.held_slots -= 1
+            self._fit_dram()
+
+    def unpin_disk(self, block: Block) -> None:
+        assert block.pins > 0, block
+        block.pins -= 1
+        if block.pins == 0 and block.detached:
+            self.held_disk -= self.record_size   # moves to _removing (held there)
+            self._queue_removal(block.key)
+
+    # ------------------------------------------------------------------ DRAM
+    def _take_slot(self) -> int:
+        return self._free_slots.pop()
+
+    def _give_slot(self, slot: int) -> None:
+        self._free_slots.append(slot)
+
+    def _fit_dram(self) -> None:
+        self.dram.capacity = self.num_slots - self.held_slots
+
+    def _dram_evicted(self, key, entry: Entry, cause: str) -> None:
+        # Only unpinned READY blocks are evicted (fills hold a pin).
+        self._give_slot(entry.value.slot)
+
+    def _new_dram(self, key: bytes, state: State, now: float) -> Block | None:
+        if key in self.dram:
+            return None
+        entry = self.dram.add(key, 1, now, value=None, pinned=True)
+        if entry is None:
+            return None
+        entry.value = Block(key, state, entry, slot=self._take_slot())
+        return entry.value
+
+    def begin_store(self, key: bytes, now: float) -> Block | None:
+        """absent -> STORING: a slot for a GPU->DRAM copy (None: no room / present)."""
+        return self._new_dram(key, State.STORING, now)
+
+    def end_store(self, block: Block, ok: bool) -> None:
+        assert block.state is State.STORING
+        self._end_fill(block, ok)
+
+    def begin_stage(self, key: bytes, now: float) -> Block | None:
+        """absent -> STAGING: a slot a disk read fills, then READY in DRAM."""
+        return self._new_dram(key, State.STAGING, now)
+
+    def end_stage(self, block: Block, ok: bool) -> None:
+        assert block.state is State.STAGING
+        self._end_fill(block, ok)
+
+    def _end_fill(self, block: Block, ok: bool) -> None:
+        if ok:
+            block.state = State.READY
+        else:
+            self.drop_dram(block)
+        self.unpin_dram(block)   # the fill's own pin
+
+    def drop_dram(self, block: Block) -> None:
+        """Never serve this block again; its slot is free once unpinned."""
+        if block.detached:
+            return
+        entry = self.dram.peek(block.key)
+        if entry is None or entry.value is not block:
+            return
+        self.stats.dropped["dram"] += 1
+        if block.pins == 0:
+            self.dram.discard(block.key, EVICT_DROPPED)
+            return
+        self.dram.detach(block.key, EVICT_DROPPED)
+        block.detached = True
+        self.held_slots += 1
+        self._fit_dram()
+
+    def take_scratch(self, n: int, now: float) -> list[int]:
+        """Up to ``n`` slots owned by the caller (a streamed load), evicting LRU blocks."""
+        out = []
+        while len(out) < n and self.dram.make_room(1, now):
+            out.append(self._take_slot())
+            self.held_slots += 1
+            self._fit_dram()
+        return out
+
+    def give_scratch(self, slots: list[int]) -> None:
+        for s in slots:
+            self._give_slot(s)
+        self.held_slots -= len(slots)
+        self._fit_dram()
+
+    # ------------------------------------------------------------------ disk
+    def _disk_evicted(self, key, entry: Entry, cause: str) -> None:
+        block: Block = entry.value
+        if cause == EVICT_CAPACITY and self._evicting_for is not None and self._victim is None:
+            self._victim = key   # the write making room takes this file over
+            self._handover[key] = self._evicting_for
+            self.stats.handovers += 1
+            return
+        self._queue_removal(block.key)
+
+    def _queue_removal(self, key: bytes, hold: bool = True) -> None:
+        """Hand ``key``'s records to the sweeper; their bytes stay counted until it is
+        done (``hold=False``: bytes beyond the budget found at start-up)."""
+        size = self.record_size if hold else 0
+        self._removing[key] = self._removing.get(key, 0) + size
+        self.held_disk += size
+        self._fit_disk()
+        self._removals.append(key)
+
+    def _fit_disk(self) -> None:
+        self.disk.capacity = max(0, self.disk_budget - self.held_disk)
+
+    def begin_write(self, key: bytes, now: float) -> tuple[Block | None, bytes | None]:
+        """absent -> WRITING: reserve a record of ``key``; (block, key of the evicted
+        record whose file the write takes over, or None). (None, None): no room."""
+        if not self.writable(key):
+            return None, None
+        self._evicting_for, self._victim = key, None
+        try:
+            entry = self.disk.add(key, self.record_size, now, pinned=True)
+        finally:
+            victim, self._evicting_for, self._victim = self._victim, None, None
+        if entry is None:
+            return None, None
+        entry.value = Block(key, State.WRITING, entry, touched=now, reuse=victim)
+        return entry.value, victim
+
+    def end_write(self, block: Block, ok: bool) -> None:
+        """WRITING -> READY, or the record (any rank's) is removed. Every rank has
+        consumed the handed-over file by now (written over, or removed)."""
+        assert block.state is State.WRITING
+        if block.reuse is not None:
+            self._handover.pop(block.reuse, None)
+            block.reuse = None
+        if ok:
+            block.state = State.READY
+        else:
+            self.drop_disk(block)
+        self.unpin_disk(block)
+
+    def adopt(self, key: bytes, mtime: float, now: float) -> Block | None:
+        """A record another process published (shared store) -> READY, if it is
+        within its TTL and fits without evicting anything."""
+        if not self.writable(key) or now - mtime >= self.disk.ttl:
+            return None
+        entry = self.disk.add(key, self.record_size, now, evict=False)
+        if entry is None:
+            return None
+        entry.value = Block(key, State.READY, entry, touched=mtime)
+        return entry.value
+
+    def recover(self, mtimes: dict[bytes, float], now: float) -> tuple[int, int]:
+        """Rebuild the disk index at start-up from ``{key: mtime}`` of the records
+        every rank holds: the most recently used that fit, in LRU order; the
+        expired and the excess go to the sweeper. Returns (expired, excess).
+        An mtime in the future counts as now (it must not push the clock ahead)."""
+        order = sorted(mtimes, key=mtimes.__getitem__, reverse=True)   # newest first
+        keep, expired, excess, room = [], 0, 0, self.disk.capacity
+        for key in order:
+            mtime = min(mtimes[key], now)
+            if now - mtime >= self.disk.ttl:
+                expired += 1
+            elif room >= self.record_size:
+                keep.append((key, mtime))
+                room -= self.record_size
+                continue
+            else:
+                excess += 1
+            self._queue_removal(key, hold=False)
+        for key, mtime in reversed(keep):   # oldest first: LRU order
+            entry = self.disk.add(key, self.record_size, mtime, evict=False)
+            entry.value = Block(key, State.READY, entry, touched=mtime)
+        self.disk.stats.evictions[EVICT_TTL] += expired
+        self.disk.stats.evictions[EVICT_CAPACITY] += excess
+        return expired, excess
+
+    def drop_disk(self, block: Block) -> None:
+        """Never serve this record again; its files go once unpinned."""
+        if block.detached or self.disk is None:
+            return
+        entry = self.disk.peek(block.key)
+        if entry is None or entry.value is not block:
+            return
+        self.stats.dropped["disk"] += 1
+        self.disk.detach(block.key, EVICT_DROPPED)
+        block.detached = True
+        if block.pins == 0:
+            self._queue_removal(block.key)
+        else:   # its files stay until the last reader is done
+            self.held_disk += self.record_size
+            self._fit_disk()
+
+    def hold_disk(self, nbytes: int) -> None:
+        """Count (or, negative, stop counting) bytes on disk that are no record of
+        this ledger's, e.g. temp files found at start-up."""
+        self.held_disk += nbytes
+        self._fit_disk()
+
+    def take_removals(self) -> list[bytes]:
+        """Keys whose records the sweeper must remove (then call ``removed``)."""
+        out, self._removals = self._removals, []
+        return out
+
+    def removed(self, key: bytes) -> None:
+        """The sweeper removed every rank's record of ``key``."""
+        size = self._removing.pop(key, 0)
+        self.held_disk -= size
+        self._fit_disk()
+
+    def touch_due(self, block: Block, now: float) -> bool:
+        """The record's mtime (its last use across restarts) needs refreshing."""
+        if now - block.touched >= self.file_touch_every:
+            block.touched = now
+            return True
+        return False
+
+    # ------------------------------------------------------------ use & time
+    def touch(self, key: bytes, now: float) -> bool:
+        """A use of ``key``: refresh its LRU position and TTL in every tier."""
+        in_dram = self.dram.touch(key, now)
+        in_disk = self.disk is not None and self.disk.touch(key, now)
+        return in_dram or in_disk
+
+    def expire(self, now: float) -> None:
+        self.dram.expire(now)
+        if self.disk is not None:
+            self.disk.expire(now)
+
+    # ------------------------------------------------------------- invariants
+    def blocks(self) -> Iterator[tuple[str, Block]]:
+        for name, tier in (("dram", self.dram), ("disk", self.disk)):
+            if tier is not None:
+                for key in tier.keys():
+                    yield name, tier.peek(key).value
+
+    def check(self, live: Callable[[], Iterator[Block]] | None = None) -> None:
+        """Assert the ledger's invariants (tests): slot ownership and budgets."""
+        owned = [b.slot for _, b in self.blocks() if _ == "dram"]
+        assert len(owned) == len(set(owned)), "a slot with two owners"
+        assert not set(owned) & set(self._free_slots), "a free slot that is owned"
+        assert len(owned) + len(self._free_slots) + self.held_slots == self.num_slots, \
+            (len(owned), len(self._free_slots), self.held_slots, self.num_slots)
+        assert self.dram.used <= self.dram.capacity
+        if self.disk is not None:
+            assert self.disk.used + self.held_disk <= self.disk_budget, \
+                (self.disk.used, self.held_disk, self.disk_budget)
+            assert self.held_disk >= sum(self._removing.values())
+        for name, b in self.blocks():
+            assert not b.detached and b.pins >= 0, b
