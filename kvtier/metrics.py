@@ -41,6 +41,12 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "kvtier_skipped_stores_total": ("counter", "Stores skipped (backpressure), by reason",
                                     ("reason",)),
     "kvtier_io_errors_total": ("counter", "Disk I/O errors (ENOSPC, EIO, ...)", ()),
+    "kvtier_deferred_lookups_total": ("counter", "Lookups answered 'ask again next step': every "
+                                      "DRAM slot was held by loads and stores in flight", ()),
+    "kvtier_streamed_blocks_total": ("counter", "Disk blocks loaded through scratch slots (DRAM "
+                                     "too full to stage them)", ()),
+    "kvtier_orphan_records_total": ("counter", "Records some TP rank lacked at start-up "
+                                    "(removed)", ()),
     "kvtier_declined_loads_total": ("counter", "Hits declined because recompute was faster",
                                     ("tier",)),
     "kvtier_occupancy_bytes": ("gauge", "Bytes held by a tier", ("tier",)),

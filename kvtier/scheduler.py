@@ -50,6 +50,7 @@ DRAM, DISK = "dram", "disk"
 PREFILL_STEP_TOKENS = 256   # steps with fewer tokens are decode-bound: no prefill rate
 STREAM_SLOTS = 16           # scratch slots a streamed disk load reuses
 MISSED_PROBES_PER_LOOKUP = 4   # shared-store file checks that found nothing, per lookup
+KEY_MEMO_ENTRIES = 1 << 18     # vLLM block hash -> kvtier key, for prefixes seen before
 TEMP_SWEEP_EVERY_S = 60.0
 
 
@@ -133,7 +134,8 @@ class Pending:
 class KVTierScheduler:
     def __init__(self, cfg: KVTierConfig, namespace: bytes, tp_size: int, block_size: int,
                  geometry: SlotGeometry, clock: Callable[[], float] = time.time,
-                 groups: tuple[KVGroup, ...] = FULL, start_sweeper: bool = True):
+                 groups: tuple[KVGroup, ...] = FULL, start_sweeper: bool = True,
+                 memo_keys: bool = False):
         self.cfg = cfg
         self.groups = groups
         self.full_groups = [g for g in groups if not g.windowed]
@@ -183,6 +185,12 @@ class KVTierScheduler:
         self._stages: dict[bytes, Pending] = {}
         self._staging = 0
         self._next_job = 0
+        # vLLM hashes every block of a request anyway (its own prefix cache). Where
+        # that hash is collision-resistant (sha256: memo_keys), a block vLLM hashed
+        # the same as one seen before has the same kvtier key: the chain of a
+        # resent prefix is looked up, not hashed again (a 128K-token prompt: 4,096
+        # blake2b calls). Bounded; oldest first out.
+        self._key_memo: dict[bytes, bytes] | None = {} if memo_keys else None
 
     # ------------------------------------------------------------- recovery
     def _recover(self) -> None:
@@ -278,6 +286,29 @@ class KVTierScheduler:
             self._reqs[request.request_id] = st
         return st
 
+    def _keys(self, st: ReqState, n: int) -> list[bytes]:
+        """The keys of the request's first ``n`` blocks (memoized by vLLM's hashes)."""
+        chain, memo = st.chain, self._key_memo
+        have = len(chain.keys)
+        if have >= n:
+            return chain.keys
+        hashes = getattr(st.request, "block_hashes", None)
+        if memo is None or not hashes or len(hashes) < n:
+            return chain.extend(st.request.all_token_ids, n)
+        get = memo.get
+        for h in hashes[have:n]:
+            k = get(h)
+            if k is None:
+                break
+            chain.keys.append(k)
+        known = len(chain.keys)
+        chain.extend(st.request.all_token_ids, n)
+        for i in range(known, n):
+            memo[hashes[i]] = chain.keys[i]
+        while len(memo) > KEY_MEMO_ENTRIES:
+            del memo[next(iter(memo))]
+        return chain.keys
+
     def _unpin_hits(self, pending: PendingHit | None, keep=lambda hit: False) -> None:
         if pending is None:
             return
@@ -311,7 +342,7 @@ class KVTierScheduler:
             start = num_computed_tokens // bs
             if max_blocks <= start:
                 return 0, False
-            st.chain.extend(request.all_token_ids, max_blocks)
+            self._keys(st, max_blocks)
             now = self.clock()
             self.stats.inc("kvtier_lookups_total")
             self.stats.inc("kvtier_lookup_tokens_total", (max_blocks - start) * bs)
@@ -585,7 +616,7 @@ class KVTierScheduler:
         n_full = min([done // self.block_size] + [len(ids) for ids in st.block_ids])
         if n_full <= st.handled_blocks:
             return
-        st.chain.extend(request.all_token_ids, n_full)
+        self._keys(st, n_full)
         items: list[StoreItem] = []
         fills: list[Block] = []
         for i in range(st.handled_blocks, n_full):

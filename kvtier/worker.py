@@ -457,6 +457,9 @@ class KVTierWorker:
         if load.wave < len(load.waves):
             self._run_wave(load)
             return
+        log.debug("kvtier: load of %s done: %d items, %d failed, %d waves, reads %.1f ms, "
+                  "%.1f ms in all", load.job.req_id, len(items), len(load.failed),
+                  len(load.waves), load.read_secs * 1e3, (time.perf_counter() - load.t0) * 1e3)
         with self._lock:
             if load.read_bytes:   # disk -> DRAM phase (the scatters are timed as "dram")
                 self._out.load_timings.append(("disk", load.read_bytes, load.read_secs))

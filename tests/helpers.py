@@ -43,20 +43,26 @@ def text(resp: dict) -> str:
     return resp["choices"][0]["text"]
 
 
-# Two engines whose KV pages are laid out differently (kvtier holds pages longer
-# than plain vLLM) compute attention in another order on vLLM's CPU backend:
-# logprobs differ by up to ~0.03, so where two tokens are that close, greedy
-# decoding may pick either. Such a near tie is the only divergence accepted.
-NEAR_TIE = 0.05
+# Two engines compute the same request in a different order on vLLM's CPU
+# backend: kvtier holds pages longer than plain vLLM (other page layouts), and a
+# prefix hit prefills only the suffix against the cached prefix, where a cold
+# run prefills the whole prompt. Logprobs then differ a little (measured up to
+# ~0.03 for page layout alone, up to ~0.05 with batching and prefix hits), so
+# where two tokens are that close greedy decoding may pick either. Accepted:
+# equal tokens whose logprobs agree within NEAR_TIE, up to a first divergence
+# at a near tie in both runs. Wrong KV moves logprobs by far more than this
+# (the stress test's negative control).
+NEAR_TIE = 0.1
 
 
 def same_greedy(a_tokens, a_top, b_tokens, b_top, tol: float = NEAR_TIE) -> bool:
-    """Two greedy generations agree: equal tokens, or equal up to the first place
-    where both picks were a near tie in both runs (top logprobs as ``{token: lp}``)."""
+    """Two greedy generations agree (see NEAR_TIE); top logprobs as ``{token: lp}``."""
     for i, (x, y) in enumerate(zip(a_tokens, b_tokens)):
-        if x == y:
-            continue
         x, y = str(x), str(y)
+        if x == y:
+            if x in a_top[i] and x in b_top[i] and abs(a_top[i][x] - b_top[i][x]) > tol:
+                return False
+            continue
         return all(y in top and x in top and abs(top[x] - top[y]) <= tol
                    for top in (a_top[i], b_top[i]))
     return len(a_tokens) == len(b_tokens)
