@@ -14,7 +14,7 @@ matmul running on another stream.
 
 Prints a table, then as the last line one JSON object of the ratios and rates.
 
-    python benchmarks/copy_engine.py [--blocks 256] [--repeats 11]
+    python benchmarks/copy_engine.py [--blocks 256] [--repeats 11] [--section gpu]
 """
 
 from __future__ import annotations
@@ -146,6 +146,7 @@ def gpu_section(args) -> dict:
         engines = {p: NativeCopyEngine(layout, pool, HEADER, cuda_path=p)
                    for p in ("kernel", "dma")}
         dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        torch.cuda.synchronize()   # the caches' fill, before copies on other streams
         host = pool.tensor()[:nbytes]
         h = stream.cuda_stream
 
@@ -208,6 +209,7 @@ def matmul_slowdown(engines, blocks, slots) -> dict:
     in a loop on another thread, over their time alone."""
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     compute = torch.cuda.Stream()
+    torch.cuda.synchronize()   # `a`, before the matmuls on their own stream
 
     def matmuls() -> float:
         with torch.cuda.stream(compute):
@@ -249,14 +251,15 @@ def main() -> None:
     ap.add_argument("--gpu-blocks", type=int, default=128,
                     help="GPU: 16-token blocks per transfer (128-token: an eighth)")
     ap.add_argument("--repeats", type=int, default=11)
+    ap.add_argument("--section", choices=("all", "cpu", "gpu"), default="all")
     args = ap.parse_args()
-    result = cpu_section(args)
+    result = cpu_section(args) if args.section != "gpu" else {}
     gpu = torch.cuda.is_available() and _copy_engine.with_cuda
-    if gpu:
+    if gpu and args.section != "cpu":
         result.update(gpu_section(args))
-    else:
+    elif args.section != "cpu":
         print("\nGPU section skipped (no CUDA device, or extension built without nvcc)")
-    result["gpu"] = gpu
+    result["gpu"] = gpu and args.section != "cpu"
     print(json.dumps(result))
 
 

@@ -84,7 +84,7 @@ NB_MODULE(_copy_engine, m) {
             e.copy(blocks.data(), blocks.shape(0), slots.data(), slots.shape(0), true, path, after);
           },
           "block_ids"_a, "slot_ids"_a, "path"_a, "after"_a = nb::none(),
-          "KV blocks -> host slots; `after`: a cudaStream_t to order after.")
+          "KV blocks -> host slots; `after`: a recorded cudaEvent_t to wait for.")
       .def(
           "scatter",
           [](CudaEngine& e, Ids slots, Ids blocks, CudaPath path, std::optional<uintptr_t> after) {
@@ -93,7 +93,7 @@ NB_MODULE(_copy_engine, m) {
                    after);
           },
           "slot_ids"_a, "block_ids"_a, "path"_a, "after"_a = nb::none(),
-          "Host slots -> KV blocks; `after`: a cudaStream_t to order after.")
+          "Host slots -> KV blocks; `after`: a recorded cudaEvent_t to wait for.")
       .def_prop_ro("vector_bytes", &CudaEngine::vector_bytes);
 #else
   m.attr("with_cuda") = false;

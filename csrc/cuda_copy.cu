@@ -85,7 +85,6 @@ struct CudaEngine::State {
   int device = 0;
   cudaStream_t stream = nullptr;
   cudaEvent_t done = nullptr;   // recorded after each transfer, polled
-  cudaEvent_t after = nullptr;  // recorded on the caller's stream to order after it
   Layer* d_layers = nullptr;    // the layer table in device memory
   int64_t* h_ids = nullptr;     // pinned staging for one launch: m blocks, then m slots
   int64_t* d_ids = nullptr;     // its device copy
@@ -104,7 +103,6 @@ struct CudaEngine::State {
     cudaFree(d_layers);
     cudaFreeHost(h_ids);
     if (registered) cudaHostUnregister(reinterpret_cast<void*>(p.host_base));
-    if (after) cudaEventDestroy(after);
     if (done) cudaEventDestroy(done);
     if (stream) cudaStreamDestroy(stream);
   }
@@ -199,13 +197,24 @@ CudaEngine::CudaEngine(Placement p, int device) : s_(new State) {
   State& s = *s_;
   s.p = std::move(p);
   s.device = device;
+  // The runtime is linked statically: a driver of an older major CUDA version
+  // than this build fails here, in one clear message, not at the first copy.
+  int driver = 0;
+  CUDA_CHECK(cudaDriverGetVersion(&driver));
+  if (driver / 1000 < CUDART_VERSION / 1000)
+    throw std::runtime_error("CUDA driver supports CUDA " + std::to_string(driver / 1000) + "." +
+                             std::to_string(driver % 1000 / 10) + ", older than the CUDA " +
+                             std::to_string(CUDART_VERSION / 1000) + "." +
+                             std::to_string(CUDART_VERSION % 1000 / 10) +
+                             " runtime kvtier._copy_engine was built with");
   DeviceGuard guard(device);
   CUDA_CHECK(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
   CUDA_CHECK(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
-  CUDA_CHECK(cudaEventCreateWithFlags(&s.after, cudaEventDisableTiming));
 
   // The pinned host pool: one registration for all of it (mapped, so kernels
-  // can address it), unless its owner pinned it already. Never per transfer.
+  // can address it), unless its owner pinned it already (HostPool registers it
+  // mapped too). Never per transfer. cudaHostGetDevicePointer fails on a
+  // registration without the mapped flag: the engine is then refused.
   void* host = reinterpret_cast<void*>(s.p.host_base);
   const cudaError_t reg = cudaHostRegister(host, s.p.host_bytes,
                                            cudaHostRegisterPortable | cudaHostRegisterMapped);
@@ -242,16 +251,16 @@ int CudaEngine::vector_bytes() const { return s_->vec; }
 
 void CudaEngine::copy(const int64_t* blocks, int64_t n_blocks, const int64_t* slots,
                       int64_t n_slots, bool to_host, CudaPath path,
-                      std::optional<uintptr_t> after) {
+                      std::optional<uintptr_t> after_event) {
   check_transfer(s_->p.g, blocks, n_blocks, slots, n_slots);
   if (n_blocks == 0) return;
   std::lock_guard<std::mutex> one_transfer(mu_);
   State& s = *s_;
   DeviceGuard guard(s.device);
-  if (after) {
-    CUDA_CHECK(cudaEventRecord(s.after, reinterpret_cast<cudaStream_t>(*after)));
-    CUDA_CHECK(cudaStreamWaitEvent(s.stream, s.after, 0));
-  }
+  // Device-side ordering: the engine's stream waits for the caller's event
+  // (recorded on vLLM's compute stream); the host does not block on it.
+  if (after_event)
+    CUDA_CHECK(cudaStreamWaitEvent(s.stream, reinterpret_cast<cudaEvent_t>(*after_event), 0));
   if (path == CudaPath::Dma)
     s.run_dma(blocks, slots, n_blocks, to_host);
   else

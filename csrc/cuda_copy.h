@@ -19,8 +19,10 @@ enum class CudaPath {
 
 class CudaEngine {
  public:
-  // Pins the host pool (one cudaHostRegister for the whole pool, unless it is
-  // pinned already) and creates the engine's own stream and events on `device`.
+  // Pins the host pool (one mapped cudaHostRegister for the whole pool, unless
+  // it is pinned already) and creates the engine's own stream and event on
+  // `device`. Throws std::runtime_error on any CUDA error, and when the
+  // driver's CUDA major version is older than the runtime built in.
   CudaEngine(Placement p, int device);
   ~CudaEngine();
   CudaEngine(const CudaEngine&) = delete;
@@ -28,11 +30,11 @@ class CudaEngine {
 
   // Checks every id and the lengths (nothing is copied when a check fails),
   // then copies block blocks[i] to slot slots[i] (to_host) or back on the
-  // engine's stream, after the work queued so far on `after` (a cudaStream_t)
-  // when given, and returns once its own event reports completion (polled
-  // with cudaEventQuery; never a device-wide synchronization).
+  // engine's stream, after `after_event` (a recorded cudaEvent_t) when given:
+  // the stream waits for it on the device. Returns once its own event reports
+  // completion (polled with cudaEventQuery; never a device-wide synchronization).
   void copy(const int64_t* blocks, int64_t n_blocks, const int64_t* slots, int64_t n_slots,
-            bool to_host, CudaPath path, std::optional<uintptr_t> after);
+            bool to_host, CudaPath path, std::optional<uintptr_t> after_event);
 
   // Widest access (bytes, 1..16) every address of the layout allows the kernel.
   int vector_bytes() const;

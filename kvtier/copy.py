@@ -9,15 +9,19 @@ block's runs back to back, layer-major, after a header: the bytes on disk are
 exactly these, so the record format does not depend on which engine copied.
 
 ``HostPool`` is the DRAM tier's memory: one page-aligned allocation split into
-fixed slots (pinned with one registration when CUDA is present).
+fixed slots (pinned and mapped with one registration when CUDA is present).
 
 Engines: ``NativeCopyEngine`` (csrc/, C++ threads on CPU, one kernel launch on
-CUDA) and ``TorchCopyEngine`` (index_select + copy; the reference and the
-fallback where the extension is not built).
+CUDA) and ``TorchCopyEngine`` (index_select + copy; the reference, and the
+fallback where the extension is not built or the native engine fails its
+start-up self-check, ``make_copy_engine``). Both take ``after=``: a
+``torch.cuda.Event`` (or a ``torch.cuda.Stream``: the work queued on it so
+far) that the copy waits for on the device; ignored on the CPU.
 """
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 from dataclasses import dataclass
@@ -26,7 +30,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+log = logging.getLogger("vllm.kvtier.copy")
+
 PAGE = 4096
+# cudaHostRegister flags: usable from every device, and mapped into the device
+# address space (the native kernel path reads the pool through its mapping).
+HOST_REGISTER_PORTABLE, HOST_REGISTER_MAPPED = 1, 2
 
 
 class CopyError(ValueError):
@@ -124,7 +133,8 @@ class HostPool:
         self.pinned = False
         if pin and torch.cuda.is_available():
             # One registration for the whole pool; never per transfer.
-            err = torch.cuda.cudart().cudaHostRegister(self.base_ptr, nbytes, 0)
+            err = torch.cuda.cudart().cudaHostRegister(
+                self.base_ptr, nbytes, HOST_REGISTER_PORTABLE | HOST_REGISTER_MAPPED)
             self.pinned = int(err) == 0
 
     def prefault(self) -> None:
@@ -152,13 +162,16 @@ def _check(ids: Sequence[int], limit: int, what: str) -> np.ndarray:
 
 
 class TorchCopyEngine:
-    """Reference engine: per layer, index_select the blocks and copy them."""
+    """Reference engine: per layer, index_select the blocks and copy them, on the
+    calling thread's current stream; synchronous for the caller, as the native
+    engine is."""
 
-    name = "torch"
+    name = kind = "torch"
 
     def __init__(self, layout: KVLayout, kv_caches: dict[str, torch.Tensor],
                  pool: HostPool, payload_offset: int):
         self.layout, self.pool, self.offset = layout, pool, payload_offset
+        self._cuda = layout.device.startswith("cuda")
         if payload_offset + layout.block_bytes > pool.slot_bytes:
             raise CopyError("slot too small for a block")
         L = layout.num_layers
@@ -179,39 +192,128 @@ class TorchCopyEngine:
             raise CopyError(f"{b.size} block ids but {s.size} slot ids")
         return torch.from_numpy(b), torch.from_numpy(s)
 
-    def gather(self, block_ids: Sequence[int], slot_ids: Sequence[int]) -> None:
+    def _stream(self, after):
+        """The current stream of the cache's device (not the thread's current
+        device: a copy thread's is device 0), made to wait for ``after``."""
+        stream = torch.cuda.current_stream(self.layout.device)
+        if isinstance(after, torch.cuda.Stream):
+            stream.wait_stream(after)
+        elif after is not None:
+            stream.wait_event(after)
+        return stream
+
+    def gather(self, block_ids: Sequence[int], slot_ids: Sequence[int], after=None) -> None:
         b, s = self._check(block_ids, slot_ids)
         if not len(b):
             return
+        if self._cuda:
+            self._stream(after)
         for l, layer in enumerate(self._layers):
             src = layer.index_select(0, b.to(layer.device)).contiguous()
             self._payload[s, l] = src.view(torch.uint8).reshape(len(b), -1).cpu()
 
-    def scatter(self, slot_ids: Sequence[int], block_ids: Sequence[int]) -> None:
+    def scatter(self, slot_ids: Sequence[int], block_ids: Sequence[int], after=None) -> None:
         b, s = self._check(block_ids, slot_ids)
         if not len(b):
             return
+        stream = self._stream(after) if self._cuda else None
         for l, layer in enumerate(self._layers):
             src = self._payload[s, l].to(layer.device)
             layer[b.to(layer.device)] = src.view(layer.dtype).reshape(
                 (len(b),) + tuple(layer.shape[1:]))
+        if stream is not None:
+            stream.synchronize()   # done when it returns (the caller reports the load)
+
+
+def _noise(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random bytes shaped and typed as ``like``, on its device."""
+    raw = torch.randint(0, 256, (like.numel() * like.element_size(),), dtype=torch.uint8,
+                        generator=gen)
+    return raw.to(like.device).view(like.dtype).view(like.shape)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+def round_trip_check(engine, ref: TorchCopyEngine) -> None:
+    """Round-trips a few blocks through ``engine`` on the real KV memory and pool
+    and compares with ``ref``, the torch engine over the same memory: a gather
+    of random blocks into slots (the slots' bytes against ref's gather of the
+    same blocks), then a scatter of those slots into other blocks (their bytes
+    against the source blocks'). The first and last blocks and slots are among
+    them. Raises CopyError on a difference; engine errors propagate. The blocks
+    are restored; the slots keep scratch bytes. Start-up only: nothing else may
+    use the blocks meanwhile."""
+    lay, pool = ref.layout, ref.pool
+    picks = [b for b in dict.fromkeys([lay.num_blocks - 1, 0, lay.num_blocks // 2, 1])
+             if b < lay.num_blocks]
+    slots = list(dict.fromkeys([pool.num_slots - 1, 0]))[:len(picks) // 2]
+    if not slots:
+        raise CopyError(f"no room for a round trip ({lay.num_blocks} blocks, "
+                        f"{pool.num_slots} slots)")
+    k = len(slots)
+    src, dst = picks[:k], picks[k:2 * k]
+    # Every native call waits for the torch work before it (the cache's stream).
+    after = torch.cuda.current_stream(lay.device) if ref._cuda else None
+    layers = ref._layers
+    saved = [layer[src + dst].clone() for layer in layers]
+    gen = torch.Generator().manual_seed(lay.num_blocks)
+    try:
+        for layer in layers:
+            layer[src] = _noise(layer[src], gen)
+            layer[dst] = _noise(layer[dst], gen)
+        for s in slots:
+            pool.slot(s)[:] = 0x5A
+        engine.gather(src, slots, after=after)
+        got = np.stack([pool.slot(s) for s in slots])
+        ref.gather(src, slots)
+        if not np.array_equal(got, np.stack([pool.slot(s) for s in slots])):
+            raise CopyError(f"gather of blocks {src} differs from the torch engine's")
+        engine.scatter(slots, dst, after=after)
+        if not all(torch.equal(_bytes(layer[dst]), _bytes(layer[src])) for layer in layers):
+            raise CopyError(f"scatter into blocks {dst} differs from the torch engine's bytes")
+    finally:
+        for layer, old in zip(layers, saved):
+            layer[src + dst] = old
+        if after is not None:
+            after.synchronize()
 
 
 def make_copy_engine(layout: KVLayout, kv_caches: dict[str, torch.Tensor], pool: HostPool,
                      payload_offset: int, prefer: str = "auto"):
-    """The native engine when the extension is built (or ``prefer="native"``)."""
-    if prefer in ("auto", "native"):
-        try:
-            from kvtier.native_copy import NativeCopyEngine, supports
-        except ImportError:
-            if prefer == "native":
-                raise
-        else:
-            # auto: the torch engine where this build has no native path for
-            # the device (a CUDA cache with an extension built without nvcc).
-            if prefer == "native" or supports(layout):
-                return NativeCopyEngine(layout, pool, payload_offset)
-    return TorchCopyEngine(layout, kv_caches, pool, payload_offset)
+    """``prefer="auto"``: the native engine where the extension has a path for the
+    layout's device and the engine passes its self-check on this layout (every
+    path it may take, ``round_trip_check``); else the torch engine. Any failure
+    of the native engine - a byte mismatch, a CUDA error, a driver older than
+    the extension's runtime, a pool it cannot pin or map - is logged in one
+    line. ``"native"``: the native engine, unchecked (tests, benchmarks);
+    ``"torch"``: the torch engine."""
+    ref = TorchCopyEngine(layout, kv_caches, pool, payload_offset)
+    if prefer == "torch":
+        return ref
+    try:
+        from kvtier.native_copy import NativeCopyEngine, supports
+    except ImportError:
+        if prefer == "native":
+            raise
+        return ref
+    if prefer == "native":
+        return NativeCopyEngine(layout, pool, payload_offset)
+    if not supports(layout):   # a CUDA cache, an extension built without nvcc
+        return ref
+    engine = None
+    try:
+        engine = NativeCopyEngine(layout, pool, payload_offset)
+        engine.self_check(ref)
+        return engine
+    except Exception as e:   # anything: the torch engine still moves the bytes
+        log.warning("kvtier: the native copy engine failed its start-up self-check on %s "
+                    "(%s: %s); using the torch copy engine", layout.device,
+                    type(e).__name__, str(e).strip().replace("\n", " "))
+        if engine is not None:
+            engine.close()
+        return ref
 
 
 def default_threads() -> int:

@@ -16,10 +16,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorMetadata,
-    KVConnectorWorkerMetadata,
-)
+try:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+        KVConnectorMetadata,
+        KVConnectorWorkerMetadata,
+    )
+except ImportError:   # the worker alone, without vLLM (benchmarks/gpu_check.sh on a GPU box)
+    class KVConnectorMetadata:  # type: ignore[no-redef]
+        """Stand-in for vLLM's base class."""
+
+    class KVConnectorWorkerMetadata:  # type: ignore[no-redef]
+        """Stand-in for vLLM's base class."""
 
 from kvtier.ledger import NO_SLOT
 
@@ -83,7 +90,7 @@ def _add(a: dict, b: dict) -> dict:
 
 
 _COUNTS = ("stored", "store_failed", "written", "write_failed", "staged", "stage_failed",
-           "bad_records", "fail_reasons")
+           "bad_records", "fail_reasons", "copy_engines")
 
 
 @dataclass
@@ -98,6 +105,8 @@ class KVTierWorkerMeta(KVConnectorWorkerMetadata):
     # Per-rank observations for the load-vs-recompute model: (tier, bytes, seconds).
     load_timings: list[tuple[str, int, float]] = field(default_factory=list)
     fail_reasons: dict[str, int] = field(default_factory=dict)    # e.g. "checksum" -> n
+    # Sent once, at the first step: copy engine kind ("native-cuda", "torch", ...) -> ranks.
+    copy_engines: dict[str, int] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> "KVTierWorkerMeta":
         assert isinstance(other, KVTierWorkerMeta)

@@ -52,6 +52,9 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "kvtier_occupancy_bytes": ("gauge", "Bytes held by a tier", ("tier",)),
     "kvtier_capacity_bytes": ("gauge", "Capacity of a tier", ("tier",)),
     "kvtier_blocks": ("gauge", "Blocks held by a tier", ("tier",)),
+    "kvtier_copy_engine_info": ("gauge", "TP ranks running each GPU<->DRAM copy engine "
+                                "(native-cuda, native-cpu, or torch: the fallback)",
+                                ("copy_engine",)),
     "kvtier_load_seconds": ("histogram", "Latency of one load batch from a tier", ("tier",)),
 }
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -175,6 +178,10 @@ class StatsRecorder:
         if per.get(k) != value:
             per[k] = value
             self._dirty = True
+
+    def add(self, name: str, n: float, **labels: str) -> None:
+        """Adds ``n`` to a gauge."""
+        self.set(name, self.gauges.get(name, {}).get(labels_key(labels), 0) + n, **labels)
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         self.observations.setdefault(name, {}).setdefault(labels_key(labels), []).append(value)

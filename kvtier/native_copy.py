@@ -8,10 +8,12 @@ on the raw addresses in ``KVLayout`` and ``HostPool``:
   kernel launch that reads/writes the pinned pool through its device mapping
   ("kernel"), or the copy engines, one batched DMA call ("dma"). Calls are
   synchronous for the caller: they wait (polling an event) for their own
-  transfer only. The connector calls them from a background thread.
+  transfer only. The connector calls them from a background thread. A copy
+  is ordered after other streams' work only through ``after=`` (an event the
+  engine's stream waits for on the device).
 
 Argument errors (a block or slot id out of range, lengths differ) raise
-``CopyError`` before any byte is copied.
+``CopyError`` before any byte is copied; CUDA errors raise RuntimeError.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from kvtier import _copy_engine as _ce
-from kvtier.copy import CopyError, HostPool, KVLayout, default_threads
+from kvtier.copy import CopyError, HostPool, KVLayout, default_threads, round_trip_check
 
 # CUDA transfers of at least this many bytes take the DMA path (copy engines,
 # no SMs taken from the model); smaller ones the kernel (one launch, no per-run
@@ -42,18 +44,28 @@ def _ids(ids: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
 
 
+def _event(after):
+    """A recorded ``torch.cuda.Event`` for ``after`` (an event, or a stream: an
+    event recorded on it now), or None."""
+    if after is None or isinstance(after, torch.cuda.Event):
+        return after
+    return after.record_event()
+
+
 class NativeCopyEngine:
     """``gather(block_ids, slot_ids)``: KV -> host slots; ``scatter(slot_ids,
-    block_ids)``: back. ``name`` is "native-cpu", or on CUDA the path the
-    latest transfer took ("native-cuda-kernel" / "native-cuda-dma"; before
-    any, the one a one-block transfer would take).
+    block_ids)``: back. ``kind`` is "native-cpu" or "native-cuda"; ``name`` is
+    "native-cpu", or on CUDA the path the latest transfer took
+    ("native-cuda-kernel" / "native-cuda-dma"; before any, the one a one-block
+    transfer would take).
 
     ``threads``: CPU copy threads (default ``default_threads()``; None on CUDA).
     ``cuda_path`` forces "kernel" or "dma" (tests, benchmarks); "auto" picks
-    per transfer by size (``DMA_MIN_BYTES``). On CUDA, ``stream`` (a
-    ``torch.cuda.Stream`` or a raw cudaStream_t) orders the copy after the
-    work queued so far on that stream; without it the copy starts at once
-    (the caller has synchronized). ``stream`` is ignored on the CPU.
+    per transfer by size (``DMA_MIN_BYTES``). On CUDA, ``after`` (a recorded
+    ``torch.cuda.Event``, or a ``torch.cuda.Stream``: the work queued on it so
+    far) orders the copy after that work: the engine's stream waits for it on
+    the device. Without it the copy starts at once, unordered against every
+    other stream. ``after`` is ignored on the CPU.
     """
 
     def __init__(self, layout: KVLayout, pool: HostPool, payload_offset: int, *,
@@ -73,22 +85,38 @@ class NativeCopyEngine:
                 self._impl = _ce.CpuEngine(*args, threads=threads or default_threads())
                 self._cuda_path = None
                 self.name, self.threads = "native-cpu", self._impl.threads
+                self.kind = self.name
             else:
                 device = torch.device(layout.device).index
                 self._impl = _ce.CudaEngine(
                     *args, device=torch.cuda.current_device() if device is None else device)
                 self._cuda_path = cuda_path
                 self.name, self.threads = f"native-cuda-{self._path(1)}", None
+                self.kind = "native-cuda"
         except ValueError as e:
             raise CopyError(str(e)) from None
 
-    def gather(self, block_ids: Sequence[int], slot_ids: Sequence[int], stream=None) -> None:
+    def gather(self, block_ids: Sequence[int], slot_ids: Sequence[int], after=None) -> None:
         blocks = _ids(block_ids)
-        self._call(self._impl.gather, blocks, _ids(slot_ids), len(blocks), stream)
+        self._call(self._impl.gather, blocks, _ids(slot_ids), len(blocks), after)
 
-    def scatter(self, slot_ids: Sequence[int], block_ids: Sequence[int], stream=None) -> None:
+    def scatter(self, slot_ids: Sequence[int], block_ids: Sequence[int], after=None) -> None:
         blocks = _ids(block_ids)
-        self._call(self._impl.scatter, _ids(slot_ids), blocks, len(blocks), stream)
+        self._call(self._impl.scatter, _ids(slot_ids), blocks, len(blocks), after)
+
+    def self_check(self, ref) -> None:
+        """``round_trip_check`` against ``ref`` (the torch engine on the same
+        memory) on every path this engine may take: on CUDA with "auto", the
+        kernel and the DMA path. Raises on the first failure."""
+        chosen = self._cuda_path
+        try:
+            for path in ("kernel", "dma") if chosen == "auto" else (chosen,):
+                self._cuda_path = path
+                round_trip_check(self, ref)
+        finally:
+            self._cuda_path = chosen
+            if chosen is not None:
+                self.name = f"native-cuda-{self._path(1)}"
 
     def close(self) -> None:
         """Frees the engine's threads / CUDA stream and buffers, and unpins the
@@ -100,13 +128,15 @@ class NativeCopyEngine:
             return self._cuda_path
         return "dma" if n * self.layout.block_bytes >= DMA_MIN_BYTES else "kernel"
 
-    def _call(self, fn, first: np.ndarray, second: np.ndarray, n: int, stream) -> None:
+    def _call(self, fn, first: np.ndarray, second: np.ndarray, n: int, after) -> None:
         try:
             if self._cuda_path is None:
                 fn(first, second)
                 return
             path = self._path(n)
-            fn(first, second, getattr(_ce.CudaPath, path), getattr(stream, "cuda_stream", stream))
+            event = _event(after)   # alive until the engine's stream waits for it
+            fn(first, second, getattr(_ce.CudaPath, path),
+               None if event is None else event.cuda_event)
             self.name = f"native-cuda-{path}"
         except ValueError as e:
             raise CopyError(str(e)) from None

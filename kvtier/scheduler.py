@@ -724,6 +724,8 @@ class KVTierScheduler:
                     self.stats.inc("kvtier_checksum_failures_total", n)
                 elif reason == "io_error":
                     self.stats.inc("kvtier_io_errors_total", n)
+        for kind, ranks in meta.copy_engines.items():   # each rank's, once at start-up
+            self.stats.add("kvtier_copy_engine_info", ranks, copy_engine=kind)
         for tier, nbytes, secs in meta.load_timings:
             self.stats.inc("kvtier_loaded_bytes_total", nbytes, tier=tier)
             self.stats.observe("kvtier_load_seconds", secs, tier=tier)

@@ -22,11 +22,27 @@ from a slot that does not hold the expected key fails the block instead: a
 bookkeeping error can cost a recompute, never wrong KV. A load that joins
 another request's read of the same record waits for that read.
 
-Which vLLM stream each copy is ordered against: a gather waits for the event
-recorded on the compute stream after the forward that wrote the pages
-(``wait_for_save``); a scatter waits for the event recorded when the step's
-loads start (``start_load_kv``), which follows vLLM's zeroing of newly
-allocated pages and the step's forward on the same stream.
+Which vLLM stream each copy is ordered against, and how. vLLM queues its
+forward, and the zeroing of newly allocated pages (``_zero_block_ids`` in
+``_update_states``), on its compute stream: the current stream of the thread
+that calls the connector's hooks. The hooks that queue copies record a CUDA
+event on that stream (``_fence``) and hand it to the copy engine as
+``after=``; the engine's own stream waits for it on the device
+(``cudaStreamWaitEvent``; the torch fallback: ``wait_event``). The copy thread
+never waits for the compute stream, and nothing assumes "the caller has
+synchronized".
+- A gather waits for the event of ``wait_for_save``: recorded after the step's
+  forward, which wrote the pages it reads.
+- A scatter (every wave of a load) waits for the event of ``start_load_kv``:
+  vLLM calls it after ``_update_states`` queued the zeroing of the step's new
+  pages, and (kvtier's loads are asynchronous) after it queued the step's
+  forward, so the scatter lands after the zeroing, not under it, and after any
+  earlier forward that still used a reused page.
+- The other way round nothing is needed on the stream: a page a gather reads
+  stays allocated until this worker reports the request in finished_sending or
+  the step's ``flush_gathers`` returned (host-side waits), and vLLM reads a
+  loaded page only after finished_recving, which is reported once the scatter
+  is complete.
 """
 
 from __future__ import annotations
@@ -77,7 +93,7 @@ class _Load:
     waves: list[list[int]]          # item indices; wave k+1 reuses wave k's scratch slots
     failed: set[int]
     t0: float
-    fence: object = None            # scatter after this CUDA event
+    fence: object = None            # scatters wait for this CUDA event (see the docstring)
     read_bytes: int = 0
     read_secs: float = 0.0          # time the waves waited for their reads
     wave_t0: float = 0.0
@@ -141,6 +157,9 @@ class KVTierWorker:
                 self.pool = HostPool(self.geometry.num_slots, self.geometry.slot_bytes,
                                      pin=self.cuda)
             self.engines.append(make_copy_engine(layout, sub, self.pool, HEADER_BYTES))
+        # The scheduler exports it as kvtier_copy_engine_info (a torch engine on a
+        # GPU: the native one failed its self-check, make_copy_engine logged why).
+        self._out.copy_engines = {kind: 1 for kind in {e.kind for e in self.engines}}
         if not self.pool.pinned:
             self.pool.prefault()   # first touches would otherwise land in the first loads
         if self.cfg.disk_enabled:
@@ -261,10 +280,9 @@ class KVTierWorker:
     def _run_store(self, job: StoreJob, fence) -> None:
         ok = True
         try:
-            if fence is not None:
-                fence.synchronize()
             for group, items in by_group(job.items):
-                self.engines[group].gather([it.block for it in items], [it.slot for it in items])
+                self.engines[group].gather([it.block for it in items], [it.slot for it in items],
+                                           after=fence)
         except Exception:
             log.exception("kvtier: gather failed; dropping %d blocks", len(job.items))
             ok = False
@@ -439,10 +457,9 @@ class KVTierWorker:
                 good.append(items[i])
         t0 = time.perf_counter()
         try:
-            if good and load.fence is not None:
-                load.fence.synchronize()
             for group, its in by_group(good):
-                self.engines[group].scatter([it.slot for it in its], [it.block for it in its])
+                self.engines[group].scatter([it.slot for it in its], [it.block for it in its],
+                                            after=load.fence)
         except Exception:
             log.exception("kvtier: scatter failed; recomputing %d blocks", len(good))
             with self._lock:

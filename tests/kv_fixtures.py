@@ -79,12 +79,20 @@ def assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
         assert torch.equal(x, y)
 
 
+def after(device: str):
+    """What an engine call passes as ``after=`` to be ordered after the torch work
+    queued before it (fills, zeroing, clones run on the current stream; the
+    engine copies on its own non-blocking stream)."""
+    return torch.cuda.current_stream() if device.startswith("cuda") else None
+
+
 def check_against_torch(layout: str, dtype: str, block_size: int, device: str, make_engine,
                         num_blocks: int = 40, num_slots: int = 24, n: int = 9) -> None:
     """Gathers n scattered blocks into scattered slots, then scatters the slots
     into other blocks, with ``make_engine(kv_layout, pool)`` and with
     TorchCopyEngine on a same-seeded cache: pools and caches byte-identical,
-    the payload in the slot format, every target holding its source's bytes."""
+    the payload in the slot format, every target holding its source's bytes.
+    Each engine call is ordered after the torch work before it (``after``)."""
     rng = np.random.default_rng(block_size)
     caches = make_kv_caches(layout, num_blocks, block_size, dtype, device)
     kv_layout = make_layout(caches, num_blocks, layout)
@@ -96,7 +104,7 @@ def check_against_torch(layout: str, dtype: str, block_size: int, device: str, m
 
     blocks = rng.choice(num_blocks, size=n, replace=False).tolist()
     slots = rng.choice(num_slots, size=n, replace=False).tolist()
-    engine.gather(blocks, slots)
+    engine.gather(blocks, slots, after=after(device))
     ref.gather(blocks, slots)
     assert np.array_equal(pool.array, ref_pool.array)  # payloads and untouched bytes
 
@@ -110,7 +118,7 @@ def check_against_torch(layout: str, dtype: str, block_size: int, device: str, m
 
     targets = rng.choice(num_blocks, size=n, replace=False).tolist()
     sources = {k: t.view(torch.uint8).clone() for k, t in caches.items()}
-    engine.scatter(slots, targets)
+    engine.scatter(slots, targets, after=after(device))   # after the clones read the targets
     ref.scatter(slots, targets)
     assert_same(kv_snapshot(caches), kv_snapshot(ref_caches))
     pages = 2 if layout == "LBHNC/2" else 1

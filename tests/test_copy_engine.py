@@ -1,5 +1,7 @@
 """Native copy engine, CPU path: exact round trips, byte-identical to the torch
-reference engine, argument checks that leave memory untouched.
+reference engine, argument checks that leave memory untouched; the start-up
+self-check and its fallback to the torch engine (``make_copy_engine``), the
+host pool's registration flags.
 
 The CPU path uses csrc/kvtier_addressing.h, the index math of the CUDA kernel
 too, so these tests cover the kernel's addressing.
@@ -7,6 +9,7 @@ too, so these tests cover the kernel's addressing.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
@@ -14,7 +17,9 @@ import pytest
 import torch
 
 import kvtier._copy_engine  # noqa: F401  (fails the module when the extension is not built)
-from kvtier.copy import CopyError, TorchCopyEngine, make_copy_engine
+from kvtier import copy as kvcopy
+from kvtier import native_copy
+from kvtier.copy import CopyError, HostPool, TorchCopyEngine, make_copy_engine
 from kvtier.native_copy import NativeCopyEngine
 from tests.kv_fixtures import (BAD_ARGUMENTS, DTYPES, LAYOUTS, NUM_BLOCKS, NUM_SLOTS,
                                PAYLOAD_OFFSET, assert_same, check_against_torch, kv_snapshot,
@@ -129,3 +134,98 @@ def test_cuda_cache_without_cuda_build_falls_back_to_torch(monkeypatch):
     assert make_copy_engine(kv_layout, caches, pool, PAYLOAD_OFFSET).name == "torch"
     with pytest.raises(CopyError, match="no native copy path"):
         NativeCopyEngine(kv_layout, pool, PAYLOAD_OFFSET)
+
+
+# -- start-up self-check, fallback -------------------------------------------
+
+def auto_engine(layout="LBHNC/2", dtype="fp8", block_size=16, num_slots=NUM_SLOTS):
+    caches = make_kv_caches(layout, NUM_BLOCKS, block_size, dtype)
+    kv_layout = make_layout(caches, NUM_BLOCKS, layout)
+    before = kv_snapshot(caches)
+    engine = make_copy_engine(kv_layout, caches, make_pool(kv_layout, num_slots), PAYLOAD_OFFSET)
+    return caches, before, engine
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_self_check_passes_and_restores_the_blocks_it_used(layout):
+    caches, before, engine = auto_engine(layout)
+    assert engine.kind == "native-cpu"
+    assert_same(kv_snapshot(caches), before)
+
+
+class _Broken:
+    """The extension's CpuEngine (the native engine's ``_impl``) with one way of
+    failing: what a broken kernel, DMA call or driver looks like from Python."""
+
+    def __init__(self, fault, *args, **kwargs):
+        self.fault, self.real = fault, _REAL_CPU_ENGINE(*args, **kwargs)
+        self.threads, self.host, self.slot_bytes = self.real.threads, args[6], args[8]
+
+    def gather(self, blocks, slots):
+        if self.fault == "cuda_error":
+            raise RuntimeError("CUDA error in cudaMemcpyBatchAsync: invalid argument")
+        self.real.gather(blocks, slots)
+        if self.fault == "wrong_bytes":   # one bit off in the first slot's payload
+            self.host[int(slots[0]) * self.slot_bytes + PAYLOAD_OFFSET] ^= 1
+
+    def scatter(self, slots, blocks):
+        if self.fault != "lost_scatter":
+            self.real.scatter(slots, blocks)
+
+
+_REAL_CPU_ENGINE = native_copy._ce.CpuEngine
+FAULTS = ["constructor", "cuda_error", "wrong_bytes", "lost_scatter"]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_failing_native_engine_falls_back_to_torch(monkeypatch, caplog, fault):
+    def broken(*args, **kwargs):
+        if fault == "constructor":
+            raise RuntimeError("CUDA driver supports CUDA 12.8, older than the CUDA 13.0 "
+                               "runtime kvtier._copy_engine was built with")
+        return _Broken(fault, *args, **kwargs)
+
+    monkeypatch.setattr(native_copy._ce, "CpuEngine", broken)
+    with caplog.at_level(logging.WARNING, logger="vllm.kvtier.copy"):
+        caches, before, engine = auto_engine()
+    assert engine.kind == "torch"
+    warnings = [r for r in caplog.records if r.name == "vllm.kvtier.copy"]
+    assert len(warnings) == 1 and "self-check" in warnings[0].getMessage()
+    assert_same(kv_snapshot(caches), before)   # the blocks it used are restored
+    engine.gather([3, 4], [0, 1])              # and the torch engine works
+    engine.scatter([0, 1], [5, 6])
+    for t in caches.values():   # LBHNC/2: pages 2b, 2b+1 are block b
+        assert torch.equal(t.view(torch.uint8)[10:14], t.view(torch.uint8)[6:10])
+
+
+def test_too_small_a_cache_is_not_checked_and_falls_back():
+    # One block: no room for a block to scatter into; the torch engine runs.
+    caches = make_kv_caches("LBHNC", 1, 16, "bf16")
+    kv_layout = make_layout(caches, 1, "LBHNC")
+    engine = make_copy_engine(kv_layout, caches, make_pool(kv_layout, 2), PAYLOAD_OFFSET)
+    assert engine.kind == "torch"
+
+
+def test_host_pool_registers_mapped_memory(monkeypatch):
+    # The kernel path reads the pool through cudaHostGetDevicePointer: the
+    # registration must carry cudaHostRegisterMapped (and Portable, all devices).
+    calls = []
+
+    class Cudart:
+        def cudaHostRegister(self, ptr, nbytes, flags):
+            calls.append((ptr, nbytes, flags))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append((ptr,))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart())
+    pool = HostPool(3, 8192, pin=True)
+    assert pool.pinned
+    assert calls == [(pool.base_ptr, 3 * 8192, kvcopy.HOST_REGISTER_PORTABLE
+                      | kvcopy.HOST_REGISTER_MAPPED)]
+    assert kvcopy.HOST_REGISTER_MAPPED == 2 and kvcopy.HOST_REGISTER_PORTABLE == 1  # CUDA's
+    pool.close()
+    assert calls[-1] == (pool.base_ptr,)

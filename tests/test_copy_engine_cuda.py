@@ -1,6 +1,11 @@
 """Native copy engine, CUDA paths (kernel and DMA): the CPU tests' round trips
 on a GPU cache, byte-identical to the torch engine. Skipped without a GPU.
 
+Ordered like the connector: the engine copies on its own non-blocking stream,
+so every call that follows torch work on the cache (fills, zeroing, clones on
+the current stream) passes ``after=`` (kv_fixtures.after); reads of the
+results need nothing, a call returns once its copy is complete.
+
 Under compute-sanitizer's memcheck (needs compute-sanitizer from the CUDA
 toolkit): ``python tests/test_copy_engine_cuda.py --memcheck [pytest args]``,
 also run by test_under_memcheck when compute-sanitizer is found.
@@ -22,8 +27,8 @@ from kvtier import _copy_engine, native_copy
 from kvtier.copy import CopyError, make_copy_engine
 from kvtier.native_copy import NativeCopyEngine
 from tests.kv_fixtures import (BAD_ARGUMENTS, DTYPES, LAYOUTS, NUM_BLOCKS, NUM_SLOTS,
-                               PAYLOAD_OFFSET, assert_same, check_against_torch, kv_snapshot,
-                               make_kv_caches, make_layout, make_pool)
+                               PAYLOAD_OFFSET, after, assert_same, check_against_torch,
+                               kv_snapshot, make_kv_caches, make_layout, make_pool)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -66,10 +71,10 @@ def test_round_trip_restores_exactly(path, pin):
     caches, _, pool, engine = setup(path, pin=pin)
     before = kv_snapshot(caches)
     blocks, slots = [3, 17, 5, 39, 0, 22], [1, 2, 3, 4, 5, 6]
-    engine.gather(blocks, slots)
+    engine.gather(blocks, slots, after=after("cuda"))
     for t in caches.values():
         t.view(torch.uint8)[blocks] = 0
-    engine.scatter(slots, blocks)
+    engine.scatter(slots, blocks, after=after("cuda"))   # after the zeroing
     assert_same(kv_snapshot(caches), before)
     engine.close()
     pool.close()
@@ -83,7 +88,7 @@ def test_more_pairs_than_one_launch_holds(path):
     pool = make_pool(kv_layout, 5000)
     engine = NativeCopyEngine(kv_layout, pool, PAYLOAD_OFFSET, cuda_path=path)
     blocks = np.random.default_rng(0).integers(0, 64, 5000).tolist()
-    engine.gather(blocks, list(range(5000)))
+    engine.gather(blocks, list(range(5000)), after=after("cuda"))
     layer0 = next(iter(caches.values())).view(torch.uint8).reshape(64, -1).cpu().numpy()
     for s in (0, 4095, 4096, 4999):
         got = pool.slot(s)[PAYLOAD_OFFSET:PAYLOAD_OFFSET + layer0.shape[1]]
@@ -105,7 +110,7 @@ def test_empty_transfer_is_a_no_op(path):
 @pytest.mark.parametrize("path", PATHS)
 def test_bad_arguments_raise_and_touch_nothing(path, op, blocks, slots, message):
     caches, _, pool, engine = setup(path)
-    engine.gather([0, 1, 2], [0, 1, 2])
+    engine.gather([0, 1, 2], [0, 1, 2], after=after("cuda"))
     kv_before, pool_before = kv_snapshot(caches), pool.array.copy()
     with pytest.raises(CopyError, match=message):
         if op == "gather":
@@ -116,33 +121,59 @@ def test_bad_arguments_raise_and_touch_nothing(path, op, blocks, slots, message)
     assert np.array_equal(pool.array, pool_before)
 
 
+@pytest.mark.parametrize("how", ["stream", "event"])
 @pytest.mark.parametrize("path", PATHS)
-def test_stream_orders_the_copy_after_queued_work(path):
+def test_after_orders_the_copy_after_queued_work(path, how):
+    # As the worker does: an event recorded on the "compute" stream, or that stream.
     caches, _, pool, engine = setup(path)
+    torch.cuda.synchronize()
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         torch.cuda._sleep(50_000_000)  # ~tens of ms of GPU time before the write
         for t in caches.values():
             t.view(torch.uint8)[7] = 0x5A
-    engine.gather([7], [0], stream=side)
+    engine.gather([7], [0], after=side if how == "stream" else side.record_event())
     payload = pool.slot(0)[PAYLOAD_OFFSET:PAYLOAD_OFFSET + engine.layout.block_bytes]
     assert (payload == 0x5A).all()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # a zeroing that a scatter must not land under
+        for t in caches.values():
+            t.view(torch.uint8)[9] = 0
+    engine.scatter([0], [9], after=side if how == "stream" else side.record_event())
+    for t in caches.values():
+        assert (t.view(torch.uint8)[9] == 0x5A).all()
 
 
 def test_auto_path_follows_transfer_size(monkeypatch):
     caches, kv_layout, pool, engine = setup("auto")
     monkeypatch.setattr(native_copy, "DMA_MIN_BYTES", 3 * kv_layout.block_bytes)
-    engine.gather([0, 1], [0, 1])
+    engine.gather([0, 1], [0, 1], after=after("cuda"))
     assert engine.name == "native-cuda-kernel"
-    engine.gather([0, 1, 2], [0, 1, 2])
+    engine.gather([0, 1, 2], [0, 1, 2], after=after("cuda"))
     assert engine.name == "native-cuda-dma"
 
 
-def test_make_copy_engine_picks_native():
+@pytest.mark.parametrize("pin", [False, True])
+def test_make_copy_engine_picks_native_after_its_self_check(pin):
+    # The self-check round-trips blocks on both paths and restores them.
+    caches = make_kv_caches("LBNHC", NUM_BLOCKS, 16, "bf16", "cuda")
+    before = kv_snapshot(caches)
+    kv_layout = make_layout(caches, NUM_BLOCKS, "LBNHC")
+    pool = make_pool(kv_layout, 4, pin=pin)   # pin=True: mapped by HostPool itself
+    engine = make_copy_engine(kv_layout, caches, pool, PAYLOAD_OFFSET)
+    assert engine.kind == "native-cuda" and engine.name == "native-cuda-kernel"
+    assert_same(kv_snapshot(caches), before)
+    engine.close()
+    pool.close()
+
+
+def test_self_check_failure_falls_back_to_torch(monkeypatch):
+    # A scatter that copies nothing: the self-check sees it, the torch engine runs.
     caches = make_kv_caches("LBNHC", NUM_BLOCKS, 16, "bf16", "cuda")
     kv_layout = make_layout(caches, NUM_BLOCKS, "LBNHC")
+    monkeypatch.setattr(NativeCopyEngine, "scatter", lambda self, *a, **kw: None)
     engine = make_copy_engine(kv_layout, caches, make_pool(kv_layout, 4), PAYLOAD_OFFSET)
-    assert engine.name.startswith("native-cuda-")
+    assert engine.kind == "torch"
 
 
 def compute_sanitizer() -> str | None:
@@ -168,7 +199,7 @@ def run_under_memcheck(pytest_args: list[str]) -> int:
 @pytest.mark.skipif(compute_sanitizer() is None, reason="compute-sanitizer not found")
 def test_under_memcheck():
     assert run_under_memcheck(["-k", "(matches_torch and bf16 and 16) or restores or bad_arg"
-                                     " or pairs or stream"]) == 0
+                                     " or pairs or after or self_check"]) == 0
 
 
 if __name__ == "__main__":
