@@ -1,0 +1,114 @@
+"""The block lifecycle state machine on its own (no vLLM, no I/O)."""
+
+import pytest
+
+from kvtier.ledger import Ledger, State
+
+REC = 100
+
+
+def k(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+def test_a_fill_holds_its_block_until_it_resolves():
+    L = Ledger(num_slots=2, disk_bytes=0, record_size=REC)
+    a = L.begin_store(k(1), 0)
+    assert a.state is State.STORING and a.pins == 1
+    assert L.servable(k(1), 0) is None          # not ready: never served
+    b = L.begin_store(k(2), 0)
+    assert L.begin_store(k(3), 0) is None       # both slots held by fills: no room
+    L.end_store(a, True)
+    assert L.servable(k(1), 0) == "dram" and a.pins == 0
+    c = L.begin_store(k(3), 1)                  # evicts k(1), the only unpinned block
+    assert c is not None and c.slot == a.slot and L.servable(k(1), 1) is None
+    L.end_store(b, False)                       # a failed fill: gone, its slot free
+    assert L.servable(k(2), 1) is None and len(L.dram) == 1
+    L.check()
+
+
+def test_a_dropped_pinned_block_leaves_the_index_but_keeps_its_slot():
+    L = Ledger(num_slots=2, disk_bytes=0, record_size=REC)
+    a = L.begin_stage(k(1), 0)
+    L.pin(a)                                    # a load joined the read
+    L.end_stage(a, False)                       # the read failed
+    assert a.detached and L.servable(k(1), 0) is None
+    again = L.begin_store(k(1), 0)              # the key can be stored anew...
+    assert again is not None and again.slot != a.slot   # ...in another slot
+    assert L.begin_store(k(2), 0) is None       # the detached slot is still held
+    L.unpin_dram(a)                             # the joined load is done
+    assert L.begin_store(k(2), 0) is not None
+    L.check()
+
+
+def test_a_write_takes_over_the_file_of_the_block_it_evicts():
+    L = Ledger(num_slots=4, disk_bytes=2 * REC, record_size=REC)
+    for i in (1, 2):
+        w, reuse = L.begin_write(k(i), i)
+        assert reuse is None
+        L.end_write(w, True)
+    w, reuse = L.begin_write(k(3), 3)
+    assert reuse == k(1)                        # the LRU record's file
+    assert not L.writable(k(1))                 # until every rank consumed it
+    assert L.disk.used + L.held_disk <= 2 * REC and not L.take_removals()
+    L.end_write(w, True)
+    assert L.writable(k(1))
+    L.check()
+
+
+def test_expired_and_dropped_records_count_until_removed():
+    L = Ledger(num_slots=2, disk_bytes=2 * REC, record_size=REC, ttl=10)
+    w, _ = L.begin_write(k(1), 0)
+    L.end_write(w, True)
+    L.expire(10)
+    assert L.take_removals() == [k(1)] and L.held_disk == REC
+    assert not L.writable(k(1)) and L.adopt(k(1), 9, 10) is None
+    w, reuse = L.begin_write(k(2), 10)
+    assert reuse is None and w is not None
+    assert L.begin_write(k(3), 10) == (None, None)   # the removal still holds its bytes
+    L.removed(k(1))
+    assert L.held_disk == 0 and L.writable(k(1))
+    L.check()
+
+
+def test_recovery_keeps_the_newest_that_fit_and_never_moves_the_clock():
+    L = Ledger(num_slots=2, disk_bytes=2 * REC, record_size=REC, ttl=60)
+    expired, excess = L.recover({k(1): 10.0, k(2): 50.0, k(3): 90.0, k(4): 10_000.0}, now=100)
+    assert (expired, excess) == (1, 1)          # k(1) is older than the TTL; k(2) does not fit
+    assert sorted(L.take_removals()) == sorted([k(1), k(2)])
+    assert {key for _, b in L.blocks() for key in [b.key]} == {k(3), k(4)}
+    assert L.disk.peek(k(4)).last_use == 100    # the future counts as now
+    L.expire(150)
+    assert L.servable(k(3), 150) is None and L.servable(k(4), 150) == "disk"
+    L.check()
+
+
+def test_adopt_never_evicts():
+    L = Ledger(num_slots=2, disk_bytes=REC, record_size=REC)
+    w, _ = L.begin_write(k(1), 0)
+    L.end_write(w, True)
+    assert L.adopt(k(2), 0, 1) is None
+    assert L.servable(k(1), 1) == "disk"
+
+
+def test_scratch_slots_evict_lru_and_count_as_held():
+    L = Ledger(num_slots=3, disk_bytes=0, record_size=REC)
+    blocks = [L.begin_store(k(i), i) for i in range(3)]
+    for b in blocks:
+        L.end_store(b, True)
+    L.pin(blocks[2])
+    got = L.take_scratch(3, 5)
+    assert len(got) == 2 and L.held_slots == 2   # the pinned block stays
+    assert L.servable(k(2), 5) == "dram"
+    L.give_scratch(got)
+    assert L.held_slots == 0
+    L.check()
+
+
+@pytest.mark.parametrize("bad", ["double_unpin"])
+def test_misuse_is_caught(bad):
+    L = Ledger(num_slots=1, disk_bytes=0, record_size=REC)
+    b = L.begin_store(k(1), 0)
+    L.end_store(b, True)
+    with pytest.raises(AssertionError):
+        L.unpin_dram(b)
