@@ -158,6 +158,12 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
     def update_connector_output(self, connector_output) -> None:
         self.scheduler.update_connector_output(connector_output)
 
+    def has_pending_push_work(self) -> bool:
+        return self.scheduler is not None and self.scheduler.has_pending_work()
+
+    def has_pending_block_frees(self) -> bool:
+        return self.scheduler is not None and self.scheduler.has_pending_block_frees()
+
     def get_kv_connector_stats(self):
         return self.scheduler.take_stats() if self.scheduler is not None else None
 

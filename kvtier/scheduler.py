@@ -179,7 +179,8 @@ class KVTierScheduler:
         self._pending_hits: dict[str, PendingHit] = {}
         self._loads: dict[str, LoadPlan] = {}
         self._new_loads: list[LoadJob] = []
-        self._await_sending: set[str] = set()
+        self._await_sending: set[str] = set()   # to tell the workers, next step
+        self._held_pages: set[str] = set()      # finished requests whose pages kvtier holds
         self._store_jobs: dict[int, Pending] = {}
         self._writes: dict[bytes, Pending] = {}
         self._stages: dict[bytes, Pending] = {}
@@ -659,7 +660,21 @@ class KVTierScheduler:
                 self._apply_worker_meta(meta)
             for req_id in output.finished_recving or ():
                 self._finish_load(req_id)
+            self._held_pages.difference_update(output.finished_sending or ())
             self._flush_removals()
+
+    def has_pending_work(self) -> bool:
+        """Copies, writes or reads in flight: the engine must keep stepping (vLLM's
+        has_pending_push_work) so that their answers arrive and free their slots
+        now, not when the next request comes."""
+        with self._lock:
+            return bool(self._store_jobs or self._writes or self._stages or self._loads)
+
+    def has_pending_block_frees(self) -> bool:
+        """Finished requests' pages that kvtier's copies still read: they come back
+        within a step or two (vLLM waits for them instead of preempting)."""
+        with self._lock:
+            return bool(self._held_pages)
 
     def _answer(self, table: dict, key, ok: int, failed: int) -> Pending | None:
         """Count ranks' answers for ``table[key]``; the Pending once all have answered."""
@@ -765,6 +780,7 @@ class KVTierScheduler:
                 return False
             if st.store_jobs:
                 self._await_sending.add(request.request_id)
+                self._held_pages.add(request.request_id)
                 return True
             return False
 
@@ -821,3 +837,4 @@ class KVTierScheduler:
         if idle:
             assert not expect, f"pins held while idle: {self._pending_hits} {self._loads} {self._store_jobs} {self._writes} {self._stages}"
             assert L.held_slots == 0 and self._staging == 0
+            assert not self._held_pages and not self.has_pending_work()
