@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from kvtier import _copy_engine
-from kvtier.copy import HostPool, KVLayout, TorchCopyEngine, round_up
-from kvtier.native_copy import NativeCopyEngine
+from kvtier.copy.engine import HostPool, KVLayout, TorchCopyEngine, round_up
+from kvtier.copy.native import NativeCopyEngine
 
 HEADER = 64  # payload offset in a slot, as in the connector's records
 GB = 1e9

@@ -47,10 +47,10 @@ def main(argv=None) -> int:
     from vllm.v1.request import Request
 
     from kvtier.config import KVTierConfig
-    from kvtier.groups import KVGroup, group_key
-    from kvtier.keys import KeyChain, root_key
-    from kvtier.scheduler import KVTierScheduler
-    from kvtier.slots import SlotGeometry
+    from kvtier.cache.groups import KVGroup, group_key
+    from kvtier.cache.keys import KeyChain, root_key
+    from kvtier.vllm.scheduler import KVTierScheduler
+    from kvtier.cache.slots import SlotGeometry
 
     bs, ns = 32, bytes(16)
     groups = (KVGroup(0, ("full",)), KVGroup(1, ("window",), window_blocks=3))

@@ -37,10 +37,10 @@ import numpy as np
 import xxhash
 
 from kvtier.config import KVTierConfig
-from kvtier.copy import HostPool
-from kvtier.scheduler import KVTierScheduler
-from kvtier.slots import SlotGeometry
-from kvtier.store import HEADER_BYTES, DiskStore, pack_header, record_bytes
+from kvtier.copy.engine import HostPool
+from kvtier.vllm.scheduler import KVTierScheduler
+from kvtier.cache.slots import SlotGeometry
+from kvtier.store.disk import HEADER_BYTES, DiskStore, pack_header, record_bytes
 
 NS = bytes.fromhex("6b7674696572207265636f7665727921")   # "kvtier recovery!"
 PAYLOAD = 4096

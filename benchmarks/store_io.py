@@ -57,9 +57,9 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from kvtier import store as store_mod
-from kvtier.copy import HostPool
-from kvtier.store import HEADER_BYTES, DiskStore, pack_header, record_bytes
+from kvtier.store import disk as store_mod
+from kvtier.copy.engine import HostPool
+from kvtier.store.disk import HEADER_BYTES, DiskStore, pack_header, record_bytes
 
 GB = 1e9
 MiB = 1 << 20

@@ -123,8 +123,8 @@ def offload_done(llm, timeout: float = 600) -> None:
 
 def writer(path: str, record_mb: float, stop, rate) -> None:
     """Write records as fast as the disk takes them, through kvtier's own store."""
-    from kvtier.copy import HostPool
-    from kvtier.store import DiskStore, pack_header
+    from kvtier.copy.engine import HostPool
+    from kvtier.store.disk import DiskStore, pack_header
     payload = int(record_mb * 2**20)
     store = DiskStore(path, bytes(16), 0, 1, o_direct="auto", io_threads=4)
     pool = HostPool(8, 4096 + payload)

@@ -142,7 +142,7 @@ def cmd_plan(argv: list[str]) -> int:
 
 
 def cmd_store(argv: list[str]) -> int:
-    from kvtier.storetool import main
+    from kvtier.store.tool import main
     return main(argv)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvtier.copy import HostPool, KVLayout, TorchCopyEngine, round_up
+from kvtier.copy.engine import HostPool, KVLayout, TorchCopyEngine, round_up
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 # LBHNC: the CPU backend. LBNHC: FlashAttention. LHBNC: heads outermost, one

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from kvtier.config import KVTierConfig
-from kvtier.keys import KeyChain, root_key
-from kvtier.scheduler import KVTierScheduler
-from kvtier.slots import SlotGeometry
-from kvtier.store import RecordError
-from kvtier.worker import KVTierWorker
+from kvtier.cache.keys import KeyChain, root_key
+from kvtier.vllm.scheduler import KVTierScheduler
+from kvtier.cache.slots import SlotGeometry
+from kvtier.store.disk import RecordError
+from kvtier.vllm.worker import KVTierWorker
 
 BS = 32
 LAYERS, HEADS, CONTENT = 2, 1, 16

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import kvtier._copy_engine  # noqa: F401  (fails the module when the extension is not built)
-from kvtier import copy as kvcopy
-from kvtier import native_copy
-from kvtier.copy import CopyError, HostPool, TorchCopyEngine, make_copy_engine
-from kvtier.native_copy import NativeCopyEngine
+from kvtier.copy import engine as kvcopy
+from kvtier.copy import native as native_copy
+from kvtier.copy.engine import CopyError, HostPool, TorchCopyEngine, make_copy_engine
+from kvtier.copy.native import NativeCopyEngine
 from tests.kv_fixtures import (BAD_ARGUMENTS, DTYPES, LAYOUTS, NUM_BLOCKS, NUM_SLOTS,
                                PAYLOAD_OFFSET, assert_same, check_against_torch, kv_snapshot,
                                make_kv_caches, make_layout, make_pool)
@@ -126,7 +126,7 @@ def test_make_copy_engine_picks_native():
 def test_cuda_cache_without_cuda_build_falls_back_to_torch(monkeypatch):
     from dataclasses import replace
 
-    from kvtier import native_copy
+    from kvtier.copy import native as native_copy
     caches = make_kv_caches("LBNHC", NUM_BLOCKS, 16, "bf16")
     kv_layout = replace(make_layout(caches, NUM_BLOCKS, "LBNHC"), device="cuda:0")
     pool = make_pool(kv_layout, 4)

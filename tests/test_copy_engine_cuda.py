@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-from kvtier import _copy_engine, native_copy
-from kvtier.copy import CopyError, make_copy_engine
-from kvtier.native_copy import NativeCopyEngine
+from kvtier import _copy_engine
+from kvtier.copy import native as native_copy
+from kvtier.copy.engine import CopyError, make_copy_engine
+from kvtier.copy.native import NativeCopyEngine
 from tests.kv_fixtures import (BAD_ARGUMENTS, DTYPES, LAYOUTS, NUM_BLOCKS, NUM_SLOTS,
                                PAYLOAD_OFFSET, after, assert_same, check_against_torch,
                                kv_snapshot, make_kv_caches, make_layout, make_pool)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from kvtier.config import KVTierConfig
-from kvtier.groups import NULL_BLOCK, KVGroup, group_key, groups_of
-from kvtier.keys import KeyChain, root_key
-from kvtier.scheduler import DRAM, KVTierScheduler
-from kvtier.slots import SlotGeometry
+from kvtier.cache.groups import NULL_BLOCK, KVGroup, group_key, groups_of
+from kvtier.cache.keys import KeyChain, root_key
+from kvtier.vllm.scheduler import DRAM, KVTierScheduler
+from kvtier.cache.slots import SlotGeometry
 from tests.conftest import needs_vllm
 
 BS = 32
@@ -204,7 +204,7 @@ def test_stores_skip_null_window_pages_and_ask_for_a_flush():
 
 @needs_vllm
 def test_unsupported_combinations_fail_at_startup_with_a_clear_message():
-    from kvtier.connector import check_supported
+    from kvtier.vllm.connector import check_supported
 
     vc = SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=2),
                          cache_config=SimpleNamespace(enable_prefix_caching=True))

@@ -7,7 +7,7 @@ for byte-identical KV in other pages (see test_e2e_connector.TOL)."""
 
 import pytest
 
-from kvtier.storetool import cmd_verify
+from kvtier.store.tool import cmd_verify
 from kvtier.tinymodel import TinyLlama, write_model
 from tests.conftest import needs_vllm
 from tests.helpers import BLOCKS_PER_PROMPT, FULL_BLOCK_TOKENS, RECORD_BYTES, records

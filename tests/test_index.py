@@ -1,6 +1,6 @@
 import math
 
-from kvtier.index import EVICT_CAPACITY, EVICT_TTL, SlotAllocator, Tier
+from kvtier.cache.tier import EVICT_CAPACITY, EVICT_TTL, SlotAllocator, Tier
 
 
 def test_lru_within_capacity():

@@ -2,12 +2,12 @@ import os
 import subprocess
 import sys
 
-from kvtier.keys import KeyChain, Namespace, chain_keys, root_key
+from kvtier.cache.keys import KeyChain, Namespace, chain_keys, root_key
 
 NS = Namespace(model="m", kv_dtype="bfloat16", layout="LBHNC", block_size=4, tp_size=1)
 
 SNIPPET = (
-    "from kvtier.keys import *;"
+    "from kvtier.cache.keys import *;"
     "ns=Namespace(model='m',kv_dtype='bfloat16',layout='LBHNC',block_size=4,tp_size=1);"
     "print(','.join(k.hex() for k in chain_keys(root_key(ns.digest(),'salt'),"
     "list(range(40)),4)))")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvtier.ledger import Ledger, State
+from kvtier.cache.ledger import Ledger, State
 
 REC = 100
 

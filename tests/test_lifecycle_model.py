@@ -1,4 +1,4 @@
-"""Model-based test of the block lifecycle (kvtier.ledger + scheduler + workers).
+"""Model-based test of the block lifecycle (kvtier.cache.ledger + scheduler + workers).
 
 Hypothesis drives random sequences of what agentic traffic does to kvtier -
 requests sharing prefixes, lookups and loads, stores, per-rank read / gather /

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kvtier.groups import KVGroup
+from kvtier.cache.groups import KVGroup
 from tests.conftest import needs_vllm
 from tests.sim import BS, MiniEngine, content
 
@@ -162,10 +162,10 @@ def test_7_lookup_is_linear_in_the_prompt(tmp_path, monkeypatch):
     from vllm.v1.request import Request
 
     from kvtier.config import KVTierConfig
-    from kvtier.groups import group_key
-    from kvtier.keys import KeyChain, root_key
-    from kvtier.scheduler import KVTierScheduler
-    from kvtier.slots import SlotGeometry
+    from kvtier.cache.groups import group_key
+    from kvtier.cache.keys import KeyChain, root_key
+    from kvtier.vllm.scheduler import KVTierScheduler
+    from kvtier.cache.slots import SlotGeometry
 
     groups = (KVGroup(0, ("f",)), KVGroup(1, ("w",), window_blocks=3))
     n = 3000
@@ -262,8 +262,8 @@ def test_12_orphans_and_young_temp_files_count_then_go(tmp_path):
 
 
 def test_12_fsync_covers_the_directory(tmp_path, monkeypatch):
-    from kvtier.copy import HostPool
-    from kvtier.store import DiskStore, pack_header
+    from kvtier.copy.engine import HostPool
+    from kvtier.store.disk import DiskStore, pack_header
     synced = []
     real = os.fsync
 
@@ -279,7 +279,7 @@ def test_12_fsync_covers_the_directory(tmp_path, monkeypatch):
 
 
 def test_12_store_tool_survives_files_vanishing(tmp_path):
-    from kvtier import storetool
+    from kvtier.store import tool as storetool
     e = MiniEngine(tmp_path, tp=1)
     e.add("a", PREFIX + [1])
     e.settle()

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from kvtier.groups import FULL
-from kvtier.namespace import namespace_of, weights_fingerprint
+from kvtier.cache.groups import FULL
+from kvtier.vllm.namespace import namespace_of, weights_fingerprint
 from kvtier.tinymodel import write_model
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import xxhash
 
-from kvtier.copy import HostPool
-from kvtier.store import HEADER_BYTES, DiskStore, RecordError, pack_header, record_bytes
+from kvtier.copy.engine import HostPool
+from kvtier.store.disk import HEADER_BYTES, DiskStore, RecordError, pack_header, record_bytes
 
 NS = bytes(range(16))
 PAYLOAD = 3 * 4096 + 100

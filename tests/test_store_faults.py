@@ -15,8 +15,8 @@ import urllib.request
 import pytest
 
 from kvtier.serving import metric_value
-from kvtier.store import HEADER_BYTES, pack_header, parse_header
-from kvtier.storetool import cmd_verify
+from kvtier.store.disk import HEADER_BYTES, pack_header, parse_header
+from kvtier.store.tool import cmd_verify
 from tests.conftest import needs_vllm
 from tests.helpers import (BLOCKS_PER_PROMPT, FULL_BLOCK_TOKENS, RECORD_BYTES, cached, prompts,
                            records, server, text, tmpfs, wait_records)
@@ -163,8 +163,8 @@ def test_two_servers_share_one_store(model_dir, tmp_path):
 
 def record_paths(model_dir, store, prompt):
     """Where kvtier puts ``prompt``'s records: keys are stable, so a test can compute them."""
-    from kvtier.keys import chain_keys, root_key
-    from kvtier.store import DiskStore
+    from kvtier.cache.keys import chain_keys, root_key
+    from kvtier.store.disk import DiskStore
     (ns_dir,) = [d for d in store.iterdir() if d.is_dir()]   # the server's namespace
     ns = bytes.fromhex(ns_dir.name)
     ds = DiskStore(store, ns, 0, 1)
@@ -221,7 +221,7 @@ def test_ttl_expiry_and_sweeper(model_dir, tmp_path):
 
 def test_slow_disk_load_is_declined(model_dir, tmp_path):
     """A disk slower than recompute: after a few measured loads, disk hits are declined."""
-    from kvtier.index import LoadCostModel
+    from kvtier.cache.tier import LoadCostModel
     store, ps = tmp_path / "store", prompts(6, seed=19)
     with server(model_dir, store, tmp_path / "s.log", dram_bytes=50 * RECORD_BYTES,
                 load_policy="auto", env={"KVTIER_FAULT_READ_DELAY_S": "0.3"}) as s:

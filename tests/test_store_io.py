@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import xxhash
 
-from kvtier import store as store_mod
-from kvtier.copy import HostPool
-from kvtier.store import HEADER_BYTES, DiskStore, RecordError, pack_header, record_bytes
+from kvtier.store import disk as store_mod
+from kvtier.copy.engine import HostPool
+from kvtier.store.disk import HEADER_BYTES, DiskStore, RecordError, pack_header, record_bytes
 
 native = pytest.mark.skipif(store_mod._IoEngine is None,
                             reason="kvtier._copy_engine has no IoEngine (extension not built)")

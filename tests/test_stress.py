@@ -25,7 +25,7 @@ import urllib.request
 import pytest
 
 from kvtier.serving import Server, cpu_defaults, metric_value
-from kvtier.storetool import cmd_verify
+from kvtier.store.tool import cmd_verify
 from tests.conftest import needs_vllm
 from tests.helpers import RECORD_BYTES, same_greedy
 
@@ -158,8 +158,8 @@ def test_agentic_stress_with_restart_disconnects_and_read_faults(model_dir, tmp_
     assert cmd_verify(store, delete=False, as_json=True) == 0
     # The system prompts' records survived everything (restart, faults, evictions).
     (ns_dir,) = [d for d in store.iterdir() if d.is_dir()]
-    from kvtier.keys import chain_keys, root_key
-    from kvtier.store import DiskStore
+    from kvtier.cache.keys import chain_keys, root_key
+    from kvtier.store.disk import DiskStore
     ds = DiskStore(store, bytes.fromhex(ns_dir.name), 0, 1)
     for sys_prompt in systems:
         keys = chain_keys(root_key(bytes.fromhex(ns_dir.name)), sys_prompt, 32)

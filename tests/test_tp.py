@@ -4,7 +4,7 @@ one rank only ends in a recompute of that block on all ranks."""
 
 import pytest
 
-from kvtier.storetool import cmd_verify
+from kvtier.store.tool import cmd_verify
 from tests.conftest import needs_vllm
 from tests.helpers import FULL_BLOCK_TOKENS, RECORD_BYTES
 from tests.test_e2e_connector import TOL, run_rounds

@@ -25,14 +25,14 @@ import pytest
 import torch
 
 from kvtier import _copy_engine
-from kvtier import worker as worker_mod
+from kvtier.vllm import worker as worker_mod
 from kvtier.config import KVTierConfig
-from kvtier.copy import KVLayout, make_copy_engine
-from kvtier.metadata import (FROM_SLOT, READ, STREAM, KVTierMetadata, KVTierWorkerMeta, LoadItem,
+from kvtier.copy.engine import KVLayout, make_copy_engine
+from kvtier.vllm.metadata import (FROM_SLOT, READ, STREAM, KVTierMetadata, KVTierWorkerMeta, LoadItem,
                              LoadJob, StoreItem, StoreJob)
-from kvtier.slots import SlotGeometry
-from kvtier.store import HEADER_BYTES
-from kvtier.worker import KVTierWorker
+from kvtier.cache.slots import SlotGeometry
+from kvtier.store.disk import HEADER_BYTES
+from kvtier.vllm.worker import KVTierWorker
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU")])
@@ -165,7 +165,7 @@ def test_worker_round_trips_ordered_after_vllm_work(device, engine, tmp_path, mo
 
 def test_worker_reports_its_copy_engine_to_the_metric(tmp_path, monkeypatch):
     # The worker says which engine it runs once; the scheduler sets the gauge.
-    from kvtier.scheduler import KVTierScheduler
+    from kvtier.vllm.scheduler import KVTierScheduler
     d = Driver("cpu", "torch", tmp_path, monkeypatch)
     meta = d.w.take_worker_meta()
     assert meta.copy_engines == {"torch": 1}

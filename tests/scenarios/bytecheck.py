@@ -20,7 +20,7 @@ def main():
     model, out_path, opts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     import torch
 
-    import kvtier.worker as W
+    import kvtier.vllm.worker as W
 
     kv: dict = {}
     group_layers: list = []

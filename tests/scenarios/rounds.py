@@ -61,8 +61,8 @@ def corrupt(model, opts, prompts):
 
     from pathlib import Path
 
-    from kvtier.keys import chain_keys, root_key
-    from kvtier.store import HEADER_BYTES, DiskStore
+    from kvtier.cache.keys import chain_keys, root_key
+    from kvtier.store.disk import HEADER_BYTES, DiskStore
 
     c = opts["corrupt"]
     store = Path(opts["extra"]["disk_path"])

@@ -8,7 +8,7 @@ Workers never decide; they move bytes and report what happened.
 Workers -> scheduler (``KVTierWorkerMeta``, once per step, summed over ranks by
 ``aggregate``): per store job, per record write, per staged read, how many
 ranks succeeded or failed. The scheduler acts on a thing once every rank has
-answered for it (kvtier.scheduler, kvtier.ledger).
+answered for it (kvtier.vllm.scheduler, kvtier.cache.ledger).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ except ImportError:   # the worker alone, without vLLM (benchmarks/gpu_check.sh 
     class KVConnectorWorkerMetadata:  # type: ignore[no-redef]
         """Stand-in for vLLM's base class."""
 
-from kvtier.ledger import NO_SLOT
+from kvtier.cache.ledger import NO_SLOT
 
 __all__ = ["NO_SLOT", "StoreItem", "LoadItem", "StoreJob", "LoadJob", "KVTierMetadata",
            "KVTierWorkerMeta", "FROM_SLOT", "READ", "STREAM"]
@@ -44,7 +44,7 @@ class StoreItem(NamedTuple):
     block: int      # GPU block id (source)
     slot: int       # DRAM slot (destination)
     to_disk: bool   # write the slot through to the disk tier afterwards
-    group: int = 0  # KV cache group (kvtier.groups): which layers
+    group: int = 0  # KV cache group (kvtier.cache.groups): which layers
     reuse: bytes | None = None   # to_disk: the evicted key whose file this write takes over
 
 
@@ -53,7 +53,7 @@ class LoadItem(NamedTuple):
     block: int      # GPU block id (destination)
     slot: int       # DRAM slot; NO_SLOT: no bytes for this block (fail it: recompute)
     kind: int       # FROM_SLOT, READ or STREAM
-    group: int = 0  # KV cache group (kvtier.groups): which layers
+    group: int = 0  # KV cache group (kvtier.cache.groups): which layers
 
 
 @dataclass

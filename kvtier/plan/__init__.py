@@ -1,6 +1,6 @@
 """``kvtier plan``: trace-driven TTL / capacity planner.
 
-Replays request traces through kvtier's own cache policy, :class:`kvtier.index.Tier`
+Replays request traces through kvtier's own cache policy, :class:`kvtier.cache.tier.Tier`
 (LRU within a TTL, under a capacity), so its answers are the product's behaviour, not a
 separate model's. See docs/planning.md for the semantics, the formats and worked answers.
 
@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from kvtier.index import EVICT_CAPACITY, EVICT_TTL, Tier
+from kvtier.cache.tier import EVICT_CAPACITY, EVICT_TTL, Tier
 
 FORMATS = ("auto", "kv-cache-tester", "mooncake", "jsonl")
 TIER_NAMES = ("hbm", "dram", "nvme")

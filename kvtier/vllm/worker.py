@@ -61,11 +61,11 @@ import torch
 import xxhash
 
 from kvtier.config import KVTierConfig
-from kvtier.copy import HostPool, KVLayout, make_copy_engine
-from kvtier.metadata import (FROM_SLOT, NO_SLOT, READ, STREAM, KVTierMetadata, KVTierWorkerMeta,
+from kvtier.copy.engine import HostPool, KVLayout, make_copy_engine
+from kvtier.vllm.metadata import (FROM_SLOT, NO_SLOT, READ, STREAM, KVTierMetadata, KVTierWorkerMeta,
                              LoadItem, LoadJob, StoreItem, StoreJob)
-from kvtier.slots import SlotGeometry
-from kvtier.store import HEADER_BYTES, RECORD_FAULTS, DiskStore, RecordError, pack_header
+from kvtier.cache.slots import SlotGeometry
+from kvtier.store.disk import HEADER_BYTES, RECORD_FAULTS, DiskStore, RecordError, pack_header
 
 log = logging.getLogger("vllm.kvtier.worker")
 
@@ -138,7 +138,7 @@ class KVTierWorker:
     # -- set-up --------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], num_blocks: int,
                            layout_name: str, groups: Sequence[Sequence[str]] = ()) -> None:
-        """``groups``: each KV cache group's layer names (kvtier.groups); empty = one
+        """``groups``: each KV cache group's layer names (kvtier.cache.groups); empty = one
         group of every layer. A group's block is one DRAM slot, one disk record."""
         groups = [tuple(g) for g in groups] or [tuple(kv_caches)]
         self.pool = None

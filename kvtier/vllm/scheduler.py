@@ -1,7 +1,7 @@
 """Scheduler side: turns vLLM's scheduling decisions into work for the workers.
 
 It keeps each request's chained block keys and asks the ledger
-(kvtier.ledger, the single source of truth for block state) what to do:
+(kvtier.cache.ledger, the single source of truth for block state) what to do:
 
 - lookup (``get_num_new_matched_tokens``): the longest run of blocks after
   vLLM's local hit that the ledger can serve, from DRAM (ready, or being read
@@ -31,15 +31,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from kvtier.config import KVTierConfig
-from kvtier.groups import FULL, NULL_BLOCK, KVGroup, group_key
-from kvtier.index import LoadCostModel
-from kvtier.keys import KeyChain, root_key
-from kvtier.ledger import Block, Ledger, State
-from kvtier.metadata import (FROM_SLOT, NO_SLOT, READ, STREAM, KVTierMetadata, KVTierWorkerMeta,
+from kvtier.cache.groups import FULL, NULL_BLOCK, KVGroup, group_key
+from kvtier.cache.tier import LoadCostModel
+from kvtier.cache.keys import KeyChain, root_key
+from kvtier.cache.ledger import Block, Ledger, State
+from kvtier.vllm.metadata import (FROM_SLOT, NO_SLOT, READ, STREAM, KVTierMetadata, KVTierWorkerMeta,
                              LoadItem, LoadJob, StoreItem, StoreJob)
 from kvtier.metrics import CHECKSUM_REASONS, StatsRecorder
-from kvtier.slots import SlotGeometry
-from kvtier.store import RECORD_FAULTS, DiskStore
+from kvtier.cache.slots import SlotGeometry
+from kvtier.store.disk import RECORD_FAULTS, DiskStore
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
@@ -660,7 +660,7 @@ class KVTierScheduler:
                 self._apply_worker_meta(meta)
             for req_id in output.finished_recving or ():
                 self._finish_load(req_id)
-            self._held_pages.difference_update(output.finished_sending or ())
+            self._held_pages.difference_update(getattr(output, "finished_sending", None) or ())
             self._flush_removals()
 
     def has_pending_work(self) -> bool:

@@ -35,7 +35,7 @@ class Namespace:
     tp_size: int = 1
     extra: str = ""  # e.g. a model revision or a KV cache group id
     version: int = FORMAT_VERSION
-    compute: str = ""   # what else changes the KV bytes (kvtier.namespace): dtype, weights...
+    compute: str = ""   # what else changes the KV bytes (kvtier.vllm.namespace): dtype, weights...
 
     def digest(self) -> bytes:
         blob = json.dumps(asdict(self), sort_keys=True).encode()

@@ -30,8 +30,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvtier.groups import KVGroup
-from kvtier.keys import Namespace
+from kvtier.cache.groups import KVGroup
+from kvtier.cache.keys import Namespace
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

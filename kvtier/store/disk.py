@@ -49,8 +49,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import xxhash
 
-from kvtier.copy import PAGE, round_up
-from kvtier.keys import FORMAT_VERSION, KEY_BYTES
+from kvtier.copy.engine import PAGE, round_up
+from kvtier.cache.keys import FORMAT_VERSION, KEY_BYTES
 
 log = logging.getLogger("vllm.kvtier.store")
 

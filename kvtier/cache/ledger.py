@@ -43,7 +43,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from kvtier.index import EVICT_CAPACITY, EVICT_DROPPED, EVICT_TTL, Entry, Tier
+from kvtier.cache.tier import EVICT_CAPACITY, EVICT_DROPPED, EVICT_TTL, Entry, Tier
 
 NO_SLOT = -1
 

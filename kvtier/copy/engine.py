@@ -293,7 +293,7 @@ def make_copy_engine(layout: KVLayout, kv_caches: dict[str, torch.Tensor], pool:
     if prefer == "torch":
         return ref
     try:
-        from kvtier.native_copy import NativeCopyEngine, supports
+        from kvtier.copy.native import NativeCopyEngine, supports
     except ImportError:
         if prefer == "native":
             raise

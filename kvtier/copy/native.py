@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from kvtier import _copy_engine as _ce
-from kvtier.copy import CopyError, HostPool, KVLayout, default_threads, round_trip_check
+from kvtier.copy.engine import CopyError, HostPool, KVLayout, default_threads, round_trip_check
 
 # CUDA transfers of at least this many bytes take the DMA path (copy engines,
 # no SMs taken from the model); smaller ones the kernel (one launch, no per-run

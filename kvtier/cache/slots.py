@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvtier.copy import round_up
-from kvtier.store import HEADER_BYTES
+from kvtier.copy.engine import round_up
+from kvtier.store.disk import HEADER_BYTES
 
 
 @dataclass(frozen=True)
