@@ -6,10 +6,10 @@
 #
 #   build      pip install -e . (no deps, no build isolation): the extension,
 #              with its CUDA path where nvcc is found
-#   nvcc       csrc/check_cuda_build.sh: the .cu sources compile (sm_90 + PTX)
-#   tests      tests/test_copy_engine.py and tests/test_copy_engine_cuda.py
+#   nvcc       csrc/copy/check_cuda_build.sh: the .cu sources compile (sm_90 + PTX)
+#   tests      tests/copy/test_copy_engine.py and tests/copy/test_copy_engine_cuda.py
 #              (self-check fallback, kernel and DMA paths against torch, ordering)
-#   worker     tests/test_worker_cuda.py: KVTierWorker on a FlashAttention-shaped
+#   worker     tests/vllm/test_worker_cuda.py: KVTierWorker on a FlashAttention-shaped
 #              CUDA cache, copies ordered after unsynchronized "vLLM" work
 #   bench      the GPU section of benchmarks/copy_engine.py
 #   memcheck   compute-sanitizer memcheck over benchmarks/gpu_round_trip.py
@@ -86,7 +86,7 @@ sys.exit(1 if os.environ["NVCC"] and not ce.with_cuda else 0)   # nvcc found: CU
 EOF
 }
 
-step_nvcc() { KVTIER_REQUIRE_NVCC=1 bash csrc/check_cuda_build.sh; }
+step_nvcc() { KVTIER_REQUIRE_NVCC=1 bash csrc/copy/check_cuda_build.sh; }
 
 pytest_step() {  # pytest args...: runs them; the summary is pytest's count line
   local out rc
@@ -99,10 +99,10 @@ pytest_step() {  # pytest args...: runs them; the summary is pytest's count line
 }
 
 step_tests() {
-  pytest_step tests/test_copy_engine.py tests/test_copy_engine_cuda.py -k "not under_memcheck"
+  pytest_step tests/copy/test_copy_engine.py tests/copy/test_copy_engine_cuda.py -k "not under_memcheck"
 }
 
-step_worker() { pytest_step tests/test_worker_cuda.py; }
+step_worker() { pytest_step tests/vllm/test_worker_cuda.py; }
 
 sanitize() {  # tool args...: compute-sanitizer over the round trip
   local tool=$1 out rc

@@ -21,7 +21,7 @@ import sys
 import torch
 
 from kvtier import _copy_engine
-from kvtier.copy.engine import make_copy_engine
+from kvtier.copy.choose import make_copy_engine
 from kvtier.copy.native import NativeCopyEngine
 from tests.kv_fixtures import PAYLOAD_OFFSET, check_against_torch, make_kv_caches, make_layout, \
     make_pool

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from kvtier.cache.groups import KVGroup, group_key
     from kvtier.cache.keys import KeyChain, root_key
     from kvtier.vllm.scheduler import KVTierScheduler
-    from kvtier.cache.slots import SlotGeometry
+    from kvtier.store.slots import SlotGeometry
 
     bs, ns = 32, bytes(16)
     groups = (KVGroup(0, ("full",)), KVGroup(1, ("window",), window_blocks=3))

@@ -39,8 +39,9 @@ import xxhash
 from kvtier.config import KVTierConfig
 from kvtier.copy.engine import HostPool
 from kvtier.vllm.scheduler import KVTierScheduler
-from kvtier.cache.slots import SlotGeometry
-from kvtier.store.disk import HEADER_BYTES, DiskStore, pack_header, record_bytes
+from kvtier.store.slots import SlotGeometry
+from kvtier.store.disk import DiskStore
+from kvtier.store.record import HEADER_BYTES, pack_header, record_bytes
 
 NS = bytes.fromhex("6b7674696572207265636f7665727921")   # "kvtier recovery!"
 PAYLOAD = 4096

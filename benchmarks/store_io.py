@@ -59,7 +59,8 @@ import xxhash
 
 from kvtier.store import disk as store_mod
 from kvtier.copy.engine import HostPool
-from kvtier.store.disk import HEADER_BYTES, DiskStore, pack_header, record_bytes
+from kvtier.store.disk import DiskStore
+from kvtier.store.record import HEADER_BYTES, pack_header, record_bytes
 
 GB = 1e9
 MiB = 1 << 20

@@ -124,7 +124,8 @@ def offload_done(llm, timeout: float = 600) -> None:
 def writer(path: str, record_mb: float, stop, rate) -> None:
     """Write records as fast as the disk takes them, through kvtier's own store."""
     from kvtier.copy.engine import HostPool
-    from kvtier.store.disk import DiskStore, pack_header
+    from kvtier.store.disk import DiskStore
+    from kvtier.store.record import pack_header
     payload = int(record_mb * 2**20)
     store = DiskStore(path, bytes(16), 0, 1, o_direct="auto", io_threads=4)
     pool = HostPool(8, 4096 + payload)

@@ -8,10 +8,10 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
-#include "cpu_copy.h"
-#include "io_bindings.h"
+#include "copy/cpu_copy.h"
+#include "io/io_bindings.h"
 #ifdef KVTIER_WITH_CUDA
-#include "cuda_copy.h"
+#include "copy/cuda_copy.h"
 #endif
 
 namespace nb = nanobind;

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 VENV=${KVTIER_VENV:-.venv}
 PY=${PYTHON:-python3}
 stamp="$VENV/.kvtier-setup"
-want=$(cat pyproject.toml deploy/setup-venv.sh csrc/CMakeLists.txt csrc/*.cpp csrc/*.cu csrc/*.h 2>/dev/null | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml deploy/setup-venv.sh csrc/CMakeLists.txt csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h 2>/dev/null | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi

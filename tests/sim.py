@@ -31,8 +31,8 @@ import torch
 from kvtier.config import KVTierConfig
 from kvtier.cache.keys import KeyChain, root_key
 from kvtier.vllm.scheduler import KVTierScheduler
-from kvtier.cache.slots import SlotGeometry
-from kvtier.store.disk import RecordError
+from kvtier.store.slots import SlotGeometry
+from kvtier.store.record import RecordError
 from kvtier.vllm.worker import KVTierWorker
 
 BS = 32

@@ -7,7 +7,8 @@ import xxhash
 
 from kvtier.cli import main
 from kvtier.copy.engine import HostPool
-from kvtier.store.disk import HEADER_BYTES, DiskStore, pack_header, record_bytes
+from kvtier.store.disk import DiskStore
+from kvtier.store.record import HEADER_BYTES, pack_header, record_bytes
 
 NS = bytes(range(16))
 PAYLOAD = 8192

@@ -5,7 +5,7 @@ schemas bundled with ``kubernetes-validate`` (offline, strict: unknown fields
 fail); the Prometheus Operator kinds (ServiceMonitor, PrometheusRule), which
 have no bundled schema, structurally. The live checks (a real Prometheus
 scraping a real server, every dashboard/alert metric exported, the rules
-evaluated) are in tests/test_observability.py.
+evaluated) are in tests/e2e/test_observability.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from kvtier.config import KVTierConfig
-from kvtier.metrics import METRICS
+from kvtier.vllm.metrics import METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -402,7 +402,7 @@ def test_dashboard_and_rules_use_only_kvtier_metrics_that_exist():
     used = referenced_metrics()
     assert "kvtier_hit_tokens_total" in used
     unknown = {n: sorted(w) for n, w in used.items() if n.startswith("kvtier") and n not in known}
-    assert not unknown, f"not in kvtier.metrics.METRICS: {unknown}"
+    assert not unknown, f"not in kvtier.vllm.metrics.METRICS: {unknown}"
 
 
 def test_dockerfile_builds_on_vllm_openai():

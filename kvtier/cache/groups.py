@@ -12,7 +12,8 @@ of them, but a sliding-window group's records only for the last
 ``window_blocks`` of them; vLLM allocates null blocks for the rest.
 
 A model without a hybrid cache has one full-attention group, whose keys are
-the plain chained keys.
+the plain chained keys. What vLLM's KV cache group specs become here:
+kvtier.vllm.groups.
 """
 
 from __future__ import annotations
@@ -53,42 +54,3 @@ def group_key(key: bytes, index: int) -> bytes:
         return key
     return hashlib.blake2b(key + index.to_bytes(2, "little"), digest_size=len(key),
                            person=b"kvtier-group").digest()
-
-
-def groups_of(kv_cache_config) -> tuple[KVGroup, ...]:
-    """kvtier's view of vLLM's KV cache groups; ValueError for what it cannot serve."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
-
-    groups = []
-    block_size = None
-    for i, g in enumerate(kv_cache_config.kv_cache_groups):
-        spec = g.kv_cache_spec
-        kind = type(spec)
-        if kind is FullAttentionSpec:
-            window = None
-        elif kind is SlidingWindowSpec:
-            window = cdiv(spec.sliding_window - 1 + spec.extra_retained_tokens,
-                          spec.block_size) + 1
-        else:
-            raise ValueError(
-                f"kvtier: KV cache group {i} ({len(g.layer_names)} layers) uses "
-                f"{kind.__name__}; kvtier offloads full-attention and sliding-window "
-                "attention only (not Mamba/SSM state, MLA, chunked-local or cross attention)")
-        if block_size is None:
-            block_size = spec.block_size
-        elif spec.block_size != block_size:
-            raise ValueError(f"kvtier: KV cache groups have different block sizes "
-                             f"({block_size} and {spec.block_size}); not supported")
-        groups.append(KVGroup(i, tuple(g.layer_names), window))
-    sizes = {g.kv_cache_spec.page_size_bytes * len(g.layer_names)
-             for g in kv_cache_config.kv_cache_groups}
-    if len(sizes) != 1:
-        raise ValueError(f"kvtier: KV cache groups hold different bytes per block {sorted(sizes)}; "
-                         "not supported")
-    return tuple(groups)
-
-
-def payload_bytes_of(kv_cache_config) -> int:
-    """Bytes of one block of one group (every group has the same)."""
-    group = kv_cache_config.kv_cache_groups[0]
-    return group.kv_cache_spec.page_size_bytes * len(group.layer_names)

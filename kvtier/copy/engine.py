@@ -12,16 +12,15 @@ exactly these, so the record format does not depend on which engine copied.
 fixed slots (pinned and mapped with one registration when CUDA is present).
 
 Engines: ``NativeCopyEngine`` (csrc/, C++ threads on CPU, one kernel launch on
-CUDA) and ``TorchCopyEngine`` (index_select + copy; the reference, and the
-fallback where the extension is not built or the native engine fails its
-start-up self-check, ``make_copy_engine``). Both take ``after=``: a
+CUDA; kvtier.copy.native) and ``TorchCopyEngine`` (index_select + copy; the
+reference, and the fallback where the extension is not built or the native
+engine fails its start-up self-check: kvtier.copy.choose). Both take ``after=``: a
 ``torch.cuda.Event`` (or a ``torch.cuda.Stream``: the work queued on it so
 far) that the copy waits for on the device; ignored on the CPU.
 """
 
 from __future__ import annotations
 
-import logging
 import mmap
 import os
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-log = logging.getLogger("vllm.kvtier.copy")
 
 PAGE = 4096
 # cudaHostRegister flags: usable from every device, and mapped into the device
@@ -278,42 +276,6 @@ def round_trip_check(engine, ref: TorchCopyEngine) -> None:
             layer[src + dst] = old
         if after is not None:
             after.synchronize()
-
-
-def make_copy_engine(layout: KVLayout, kv_caches: dict[str, torch.Tensor], pool: HostPool,
-                     payload_offset: int, prefer: str = "auto"):
-    """``prefer="auto"``: the native engine where the extension has a path for the
-    layout's device and the engine passes its self-check on this layout (every
-    path it may take, ``round_trip_check``); else the torch engine. Any failure
-    of the native engine - a byte mismatch, a CUDA error, a driver older than
-    the extension's runtime, a pool it cannot pin or map - is logged in one
-    line. ``"native"``: the native engine, unchecked (tests, benchmarks);
-    ``"torch"``: the torch engine."""
-    ref = TorchCopyEngine(layout, kv_caches, pool, payload_offset)
-    if prefer == "torch":
-        return ref
-    try:
-        from kvtier.copy.native import NativeCopyEngine, supports
-    except ImportError:
-        if prefer == "native":
-            raise
-        return ref
-    if prefer == "native":
-        return NativeCopyEngine(layout, pool, payload_offset)
-    if not supports(layout):   # a CUDA cache, an extension built without nvcc
-        return ref
-    engine = None
-    try:
-        engine = NativeCopyEngine(layout, pool, payload_offset)
-        engine.self_check(ref)
-        return engine
-    except Exception as e:   # anything: the torch engine still moves the bytes
-        log.warning("kvtier: the native copy engine failed its start-up self-check on %s "
-                    "(%s: %s); using the torch copy engine", layout.device,
-                    type(e).__name__, str(e).strip().replace("\n", " "))
-        if engine is not None:
-            engine.close()
-        return ref
 
 
 def default_threads() -> int:

@@ -1,15 +1,10 @@
-"""The disk tier's records: one file per (block key, TP rank), content-addressed.
+"""The disk tier: one file per (block key, TP rank), content-addressed; the
+record format is kvtier.store.record.
 
 Layout under ``disk_path``::
 
     <namespace hex>/rank<R>/<key[0:2] hex>/<key hex>     published records
     <namespace hex>/rank<R>/tmp/                         records being written
-
-A record is a 4096-byte header then the payload (padded to 4096 so O_DIRECT can
-write it in one go). The header carries magic, format version, namespace digest,
-key, rank, TP size, payload length, an xxh3-64 checksum of the payload, the
-creation time and an xxh3-64 of the header itself. A reader checks all of it
-before a byte is used: any mismatch is a miss (counted), never loaded.
 
 Publication is atomic: write to ``tmp/``, optionally fsync, ``rename`` into
 place. A crash leaves complete records or nothing (plus temp files that the
@@ -21,7 +16,7 @@ with identical bytes.
 Directories are 0700 and files 0600. Keys are fixed-size digests rendered as
 hex, so no key can become a path traversal.
 
-I/O: through the native engine (``kvtier._copy_engine.IoEngine``, csrc/io_*)
+I/O: through the native engine (``kvtier._copy_engine.IoEngine``, csrc/io/io_*)
 when the extension has it, else in Python; same files, same checks. The
 native engine does a record's whole open/write/fsync/rename (or open/read)
 with the GIL released, and takes batches (``write_batch``/``read_batch``: a
@@ -38,7 +33,6 @@ import logging
 import mmap
 import os
 import stat
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,10 +41,10 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-import xxhash
 
-from kvtier.copy.engine import PAGE, round_up
-from kvtier.cache.keys import FORMAT_VERSION, KEY_BYTES
+from kvtier.cache.keys import KEY_BYTES
+from kvtier.copy.engine import PAGE
+from kvtier.store.record import HEADER_BYTES, RecordError, check_record, record_bytes
 
 log = logging.getLogger("vllm.kvtier.store")
 
@@ -58,33 +52,11 @@ try:
     from kvtier import _copy_engine as _native
     _IoEngine = _native.IoEngine
     _scan_records = _native.scan_records
-except (ImportError, AttributeError):   # not built, or built before csrc/io_engine.cpp
+except (ImportError, AttributeError):   # not built, or built before csrc/io/io_engine.cpp
     _native = _IoEngine = _scan_records = None
 
 NATIVE_IO_MODES = ("auto", "threads", "off")
 _FORKED_ENGINES: list = []   # engines inherited through fork(): kept, never joined
-
-MAGIC = b"KVTIERB\x00"
-HEADER_BYTES = PAGE
-# magic, version, header_bytes, namespace, key, rank, tp_size, payload_len,
-# checksum, created
-_HEADER = struct.Struct("<8sII16s16sIIQQd")
-_HEADER_CRC = struct.Struct("<Q")
-
-
-# Read failures that prove a record unusable (it is then removed); an I/O error
-# or an internal error proves nothing about the record.
-RECORD_FAULTS = ("missing", "checksum", "bad_header", "truncated", "wrong_key",
-                 "wrong_namespace")
-
-
-class RecordError(Exception):
-    """A record failed validation; ``reason`` is a short metric label."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-
 
 @dataclass(frozen=True)
 class RecordInfo:
@@ -92,69 +64,6 @@ class RecordInfo:
     rank: int
     size: int       # bytes on disk
     mtime: float    # last use (we touch records on hits)
-
-
-def record_bytes(payload_len: int) -> int:
-    return HEADER_BYTES + round_up(payload_len)
-
-
-def pack_header(buf, namespace: bytes, key: bytes, rank: int, tp_size: int,
-                payload_len: int, checksum: int, created: float | None = None) -> None:
-    """Write a record header into the first HEADER_BYTES of ``buf`` (a uint8 array)."""
-    head = _HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_BYTES, namespace, key, rank, tp_size,
-                        payload_len, checksum, time.time() if created is None else created)
-    crc = _HEADER_CRC.pack(xxhash.xxh3_64_intdigest(head))
-    blob = head + crc
-    buf[:len(blob)] = np.frombuffer(blob, dtype=np.uint8)
-
-
-@dataclass(frozen=True)
-class Header:
-    namespace: bytes
-    key: bytes
-    rank: int
-    tp_size: int
-    payload_len: int
-    checksum: int
-    created: float
-
-
-def parse_header(buf) -> Header:
-    """The header's fields, after its own checksum, magic and version are checked."""
-    if len(buf) < _HEADER.size + _HEADER_CRC.size:
-        raise RecordError("truncated", f"{len(buf)} bytes: no header")
-    head = bytes(buf[:_HEADER.size])
-    (crc,) = _HEADER_CRC.unpack(bytes(buf[_HEADER.size:_HEADER.size + _HEADER_CRC.size]))
-    if xxhash.xxh3_64_intdigest(head) != crc:
-        raise RecordError("bad_header", "header checksum mismatch")
-    magic, version, hbytes, ns, k, r, tp, plen, checksum, created = _HEADER.unpack(head)
-    if magic != MAGIC or version != FORMAT_VERSION or hbytes != HEADER_BYTES:
-        raise RecordError("bad_header", f"magic/version {magic!r}/{version}")
-    return Header(ns, k, r, tp, plen, checksum, created)
-
-
-def check_record(buf, namespace: bytes, key: bytes, rank: int, tp_size: int,
-                 payload_len: int, file_size: int, payload_digest: int | None = None) -> None:
-    """Raise RecordError unless ``buf`` holds a valid record of exactly this block.
-
-    ``payload_digest``: the xxh3-64 of ``buf``'s payload bytes when the caller has
-    it already (the native reader hashes on its I/O threads); else computed here.
-    """
-    if file_size < HEADER_BYTES + payload_len:
-        raise RecordError("truncated", f"{file_size} bytes < {HEADER_BYTES + payload_len}")
-    h = parse_header(buf)
-    if h.namespace != namespace or h.rank != rank or h.tp_size != tp_size:
-        raise RecordError("wrong_namespace",
-                          f"record of namespace {h.namespace.hex()} rank {h.rank}/{h.tp_size}")
-    if h.key != key:
-        raise RecordError("wrong_key", f"record holds key {h.key.hex()}")
-    if h.payload_len != payload_len:
-        raise RecordError("bad_header", f"payload length {h.payload_len} != {payload_len}")
-    checksum = h.checksum
-    if payload_digest is None:
-        payload_digest = xxhash.xxh3_64_intdigest(buf[HEADER_BYTES:HEADER_BYTES + payload_len])
-    if payload_digest != checksum:
-        raise RecordError("checksum", "payload checksum mismatch")
 
 
 class DiskStore:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvtier.config import ConfigError, parse_size
-from kvtier.store.disk import HEADER_BYTES, RecordError, parse_header
+from kvtier.store.record import HEADER_BYTES, RecordError, parse_header
 
 AGE_BUCKETS = ((60, "<1m"), (300, "<5m"), (3600, "<1h"), (86400, "<1d"), (float("inf"), ">=1d"))
 

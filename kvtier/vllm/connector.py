@@ -22,11 +22,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.config import KVTierConfig
-from kvtier.cache.groups import KVGroup, groups_of, payload_bytes_of
+from kvtier.cache.groups import KVGroup
+from kvtier.vllm.groups import groups_of, payload_bytes_of
 from kvtier.vllm.namespace import namespace_of
 from kvtier.vllm.metadata import KVTierMetadata
-from kvtier.metrics import KVTierPromMetrics, KVTierStats
-from kvtier.cache.slots import SlotGeometry
+from kvtier.vllm.metrics import KVTierPromMetrics, KVTierStats
+from kvtier.store.slots import SlotGeometry
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -18,64 +18,48 @@ It keeps each request's chained block keys and asks the ledger
 
 Everything here runs under one lock (vLLM's scheduler thread, plus the sweeper
 thread that removes files and expires blocks while the engine is idle).
+
+Why one module of ~650 lines: it is one class, the scheduler half of vLLM's
+connector API, ten hooks each a short transaction on the ledger; the policy it
+calls is elsewhere (kvtier.cache: ledger, hits, cost; kvtier.store.sweeper).
+Split further, one request's life would be spread over files.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable
 
 from kvtier.config import KVTierConfig
 from kvtier.cache.groups import FULL, NULL_BLOCK, KVGroup, group_key
-from kvtier.cache.tier import LoadCostModel
+from kvtier.cache.cost import LoadCostModel
 from kvtier.cache.keys import KeyChain, root_key
+from kvtier.cache.hits import DISK, DRAM, Hit, HitSearch
 from kvtier.cache.ledger import Block, Ledger, State
 from kvtier.vllm.metadata import (FROM_SLOT, NO_SLOT, READ, STREAM, KVTierMetadata, KVTierWorkerMeta,
                              LoadItem, LoadJob, StoreItem, StoreJob)
-from kvtier.metrics import CHECKSUM_REASONS, StatsRecorder
-from kvtier.cache.slots import SlotGeometry
-from kvtier.store.disk import RECORD_FAULTS, DiskStore
+from kvtier.vllm.metrics import CHECKSUM_REASONS, StatsRecorder
+from kvtier.store.slots import SlotGeometry
+from kvtier.store.disk import DiskStore
+from kvtier.store.sweeper import Sweeper
+
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("vllm.kvtier.scheduler")
 
-DRAM, DISK = "dram", "disk"
 PREFILL_STEP_TOKENS = 256   # steps with fewer tokens are decode-bound: no prefill rate
 STREAM_SLOTS = 16           # scratch slots a streamed disk load reuses
-MISSED_PROBES_PER_LOOKUP = 4   # shared-store file checks that found nothing, per lookup
 KEY_MEMO_ENTRIES = 1 << 18     # vLLM block hash -> kvtier key, for prefixes seen before
-TEMP_SWEEP_EVERY_S = 60.0
 
 
 def file_touch_interval(ttl: float) -> float:
     """How stale a record's mtime (its last use across restarts) may get."""
     return min(60.0, ttl / 8)
-
-
-class Hit(NamedTuple):
-    block: int      # index of the block in the request
-    group: int      # KV cache group
-    key: bytes      # the group's record key
-    tier: str       # where the bytes come from: DRAM, or DISK (a record, or a read in
-                    # flight that the load joins)
-    entry: Block    # the ledger block the load reads (pinned)
-
-    @property
-    def ledger_tier(self) -> str:
-        """The tier ``entry`` belongs to."""
-        return DRAM if self.entry.slot != NO_SLOT else DISK
-
-    @property
-    def record(self) -> bool:
-        """A record on disk (not a DRAM block)."""
-        return self.ledger_tier == DISK
 
 
 @dataclass
@@ -164,16 +148,17 @@ class KVTierScheduler:
             disk_budget = cfg.disk_bytes - spare * self.record_size
         self.ledger = Ledger(geometry.num_slots, disk_budget, self.record_size, cfg.ttl_seconds,
                              file_touch_interval(cfg.ttl_seconds))
-        self._sweep_q: queue.Queue = queue.Queue()
-        self._startup_temps: dict[str, int] = {}
+        self.sweeper: Sweeper | None = None
         if self.ledger.disk is not None:
             self.rank_stores = [DiskStore(cfg.disk_path, namespace, r, tp_size,
                                           o_direct="off", free_files=spare)
                                 for r in range(tp_size)]
-            self._recover()
+            self.sweeper = Sweeper(self.rank_stores, self.ledger, self._lock, clock)
+            found = self.sweeper.recover()
+            self.recovered_blocks = found["blocks"]
+            self.stats.inc("kvtier_orphan_records_total", found["orphans"])
             if start_sweeper:
-                threading.Thread(target=self._sweeper, name="kvtier-sweeper",
-                                 daemon=True).start()
+                self.sweeper.start()
 
         self._reqs: dict[str, ReqState] = {}
         self._pending_hits: dict[str, PendingHit] = {}
@@ -192,87 +177,20 @@ class KVTierScheduler:
         # resent prefix is looked up, not hashed again (a 128K-token prompt: 4,096
         # blake2b calls). Bounded; oldest first out.
         self._key_memo: dict[bytes, bytes] | None = {} if memo_keys else None
-
-    # ------------------------------------------------------------- recovery
-    def _recover(self) -> None:
-        """Rebuild the disk index from the directory: blocks every rank holds; the
-        records some ranks lack (orphans) go."""
-        t0 = time.perf_counter()
-        now = self.clock()
-        per_rank = [s.scan_mtimes() for s in self.rank_stores]
-        if len(per_rank) == 1:
-            mtimes = per_rank[0]
-            orphans: set[bytes] = set()
-        else:
-            common = set(per_rank[0]).intersection(*per_rank[1:])
-            mtimes = {k: min(r[k] for r in per_rank) for k in common}
-            orphans = set().union(*per_rank) - common
-        expired, excess = self.ledger.recover(mtimes, now)
-        for key in orphans:
-            self._sweep_q.put(("remove", key, False))
-        self.recovered_blocks = len(self.ledger.disk)
-        self.stats.inc("kvtier_orphan_records_total", len(orphans))
-        for s in self.rank_stores:
-            s.sweep_temp()
-            for path, size in s.temp_files():   # a live writer's, or a crash's < 10 min old
-                self._startup_temps[path] = size
-        self.ledger.hold_disk(sum(self._startup_temps.values()))
-        self._flush_removals()
-        log.info("kvtier: recovered %d blocks (%.1f GiB) from %s in %.2f s (%d expired, %d over "
-                 "the budget, %d orphans)", self.recovered_blocks,
-                 self.ledger.disk.used / 2**30, self.cfg.disk_path,
-                 time.perf_counter() - t0, expired, excess, len(orphans))
+        self.hits = HitSearch(self.ledger, groups, self.cost, block_size, geometry.record_bytes,
+                              cfg.load_policy == "always",
+                              lambda tier, n: self.stats.inc("kvtier_declined_loads_total", n,
+                                                             tier=tier),
+                              self._probe_shared if self.rank_stores else None)
 
     def _flush_removals(self) -> None:
-        for key in self.ledger.take_removals():
-            self._sweep_q.put(("remove", key, True))
-
-    def _sweeper(self) -> None:
-        """Background file work: removals of evicted/expired/dropped records, last-use
-        touches, expiry while the engine is idle, stale temp files."""
-        last_temp_sweep = time.monotonic()
-        while True:
-            try:
-                op, key, arg = self._sweep_q.get(timeout=5.0)
-            except queue.Empty:
-                with self._lock:
-                    self.ledger.expire(self.clock())
-                    self._flush_removals()
-                if time.monotonic() - last_temp_sweep >= TEMP_SWEEP_EVERY_S:
-                    last_temp_sweep = time.monotonic()
-                    self._sweep_temps()
-                continue
-            self._sweep_one(op, key, arg)
-
-    def _sweep_one(self, op: str, key: bytes, arg) -> None:
-        try:
-            for s in self.rank_stores:
-                if op == "remove":
-                    s.remove(key)
-                else:
-                    s.touch(key, arg)
-        except OSError as e:
-            log.warning("kvtier: %s of record %s failed: %s", op, key.hex(), e)
-        if op == "remove" and arg:
-            with self._lock:
-                self.ledger.removed(key)
-
-    def _sweep_temps(self) -> None:
-        for s in self.rank_stores:
-            s.sweep_temp()
-        gone = [p for p in self._startup_temps if not os.path.exists(p)]
-        if gone:
-            with self._lock:
-                self.ledger.hold_disk(-sum(self._startup_temps.pop(p) for p in gone))
+        if self.sweeper is not None:
+            self.sweeper.flush()
 
     def drain_sweeper(self) -> None:
-        """Do the queued file work now, on this thread (tests, shutdown)."""
-        while True:
-            try:
-                op, key, arg = self._sweep_q.get_nowait()
-            except queue.Empty:
-                return
-            self._sweep_one(op, key, arg)
+        """Do the queued file work now, on this thread (tests)."""
+        if self.sweeper is not None:
+            self.sweeper.drain()
 
     # ---------------------------------------------------------------- lookup
     def _state(self, request: "Request") -> ReqState | None:
@@ -347,7 +265,7 @@ class KVTierScheduler:
             now = self.clock()
             self.stats.inc("kvtier_lookups_total")
             self.stats.inc("kvtier_lookup_tokens_total", (max_blocks - start) * bs)
-            hits = self._longest_hit(st, start, max_blocks, now)
+            hits = self.hits.longest(st.key, st.chain.keys, start, max_blocks, now)
             self._flush_removals()
             end = hits[-1].block + 1 if hits else start
             if end - start < max(1, self.cfg.min_hit_blocks):
@@ -366,105 +284,6 @@ class KVTierScheduler:
                     return None, False
             self._pending_hits[request.request_id] = pending
             return (end - start) * bs, True
-
-    def _longest_hit(self, st: ReqState, start: int, limit: int, now: float) -> list[Hit]:
-        """What the longest loadable hit after ``start`` needs, block by block.
-
-        Every full-attention group needs each block of the hit; a sliding-window
-        group only the last blocks its window sees, so the hit ends at the
-        furthest point where those are present too. A tier whose load would be
-        slower than recomputing is not used (``_slow_tier``). Each (block, group)
-        is looked up at most once: linear in the prompt's length."""
-        UNSEEN = False
-        where = {g.index: [UNSEEN] * limit for g in self.groups}
-        probes = [MISSED_PROBES_PER_LOOKUP]
-        locate = self.ledger.locate
-
-        def tier(i: int, g: KVGroup) -> tuple[str, Block] | None:
-            w = where[g.index]
-            got = w[i]
-            if got is UNSEEN:
-                key = st.key(i, g.index)
-                got = w[i] = locate(key, now) or self._probe(key, now, probes)
-            return got
-
-        end = start
-        if len(self.full_groups) == 1 and self.full_groups[0].index == 0:
-            keys, w = st.chain.keys, where[0]   # the common case, inlined
-            while end < limit:
-                got = w[end] = locate(keys[end], now) or self._probe(keys[end], now, probes)
-                if got is None:
-                    break
-                end += 1
-        else:
-            while end < limit and all(tier(end, g) for g in self.full_groups):
-                end += 1
-        declined = set()
-        while end > start:
-            end = self._fit_windows(start, end, tier)
-            if end <= start:
-                break
-            hits = []
-            for g in self.groups:
-                w = where[g.index]
-                for i in g.needed(start, end):
-                    t, entry = w[i]
-                    joined = t == DRAM and entry.state is State.STAGING
-                    hits.append(Hit(i, g.index, entry.key, DISK if joined else t, entry))
-            if len(self.groups) > 1:
-                hits.sort(key=lambda h: (h.block, h.group))
-            slow = self._slow_tier(hits, now)
-            if slow is None:
-                return hits
-            cut = next(h.block for h in hits if h.tier == slow)
-            if slow not in declined:
-                self.stats.inc("kvtier_declined_loads_total", end - cut, tier=slow)
-                declined.add(slow)
-            end = cut
-        return []
-
-    def _fit_windows(self, start: int, end: int, tier) -> int:
-        """The furthest hit end <= ``end`` for which every sliding-window group has
-        the blocks its window needs."""
-        changed = True
-        while changed and end > start:
-            changed = False
-            for g in self.window_groups:
-                e = end
-                while e > start:
-                    j = e - 1
-                    lo = max(start, e - g.window_blocks)
-                    while j >= lo and tier(j, g):
-                        j -= 1
-                    if j < lo:
-                        break
-                    e = j   # block j is missing: the hit must end at or before it
-                if e != end:
-                    end, changed = e, True
-        return end
-
-    def _slow_tier(self, hits: list[Hit], now: float) -> str | None:
-        """A tier whose load would be slower than recomputing (never a slower hit)."""
-        if self.cfg.load_policy == "always":
-            return None
-        per_rank = self.geometry.record_bytes
-        for tier in (DISK, DRAM):
-            n = sum(1 for h in hits if h.tier == tier)
-            blocks = len({h.block for h in hits if h.tier == tier})
-            if n and not self.cost.worth_loading(tier, n * per_rank, blocks * self.block_size,
-                                                 now):
-                return tier
-        return None
-
-    def _probe(self, key: bytes, now: float, probes: list[int]) -> tuple[str, Block] | None:
-        """An index miss: another process may have published the record (a shared
-        store). A few misses per lookup at most: each costs a stat per rank."""
-        if probes[0] > 0 and self.ledger.disk is not None and self.ledger.writable(key):
-            block = self._probe_shared(key, now)
-            if block is not None:
-                return DISK, block
-            probes[0] -= 1
-        return None
 
     def _probe_shared(self, key: bytes, now: float) -> Block | None:
         """Index miss: another process may have published the block (shared store)."""
@@ -571,7 +390,7 @@ class KVTierScheduler:
         present = self.ledger.touch(key, now)
         block = self.ledger.disk_block(key, now) if present else None
         if block is not None and block.state is State.READY and self.ledger.touch_due(block, now):
-            self._sweep_q.put(("touch", key, now))
+            self.sweeper.touch(key, now)
         return present
 
     # ---------------------------------------------------------------- stores
@@ -786,7 +605,7 @@ class KVTierScheduler:
 
     # ------------------------------------------------------------- reporting
     def take_stats(self):
-        """Metrics for vLLM's /metrics (see kvtier.metrics): counters, occupancy.
+        """Metrics for vLLM's /metrics (see kvtier.vllm.metrics): counters, occupancy.
 
         vLLM calls this once per step, after the step ran: the step's duration
         and token count feed the prefill-rate estimate of the cost model.

@@ -61,11 +61,13 @@ import torch
 import xxhash
 
 from kvtier.config import KVTierConfig
-from kvtier.copy.engine import HostPool, KVLayout, make_copy_engine
+from kvtier.copy.engine import HostPool, KVLayout
+from kvtier.copy.choose import make_copy_engine
 from kvtier.vllm.metadata import (FROM_SLOT, NO_SLOT, READ, STREAM, KVTierMetadata, KVTierWorkerMeta,
-                             LoadItem, LoadJob, StoreItem, StoreJob)
-from kvtier.cache.slots import SlotGeometry
-from kvtier.store.disk import HEADER_BYTES, RECORD_FAULTS, DiskStore, RecordError, pack_header
+                             LoadJob, StoreItem, StoreJob)
+from kvtier.store.slots import SlotGeometry
+from kvtier.store.disk import DiskStore
+from kvtier.store.record import HEADER_BYTES, RECORD_FAULTS, RecordError, pack_header
 
 log = logging.getLogger("vllm.kvtier.worker")
 

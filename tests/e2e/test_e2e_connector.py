@@ -30,7 +30,7 @@ TOL = 0.05
 
 
 def run_scenario(script: str, model_dir: str, out: Path, opts: dict):
-    """Run tests/scenarios/<script> in its own process; its JSON output."""
+    """Run tests/e2e/scenarios/<script> in its own process; its JSON output."""
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.run([sys.executable, str(SCENARIOS / script), model_dir, str(out),
                            json.dumps(opts)], env=env, capture_output=True, text=True,

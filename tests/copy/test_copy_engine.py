@@ -3,7 +3,7 @@ reference engine, argument checks that leave memory untouched; the start-up
 self-check and its fallback to the torch engine (``make_copy_engine``), the
 host pool's registration flags.
 
-The CPU path uses csrc/kvtier_addressing.h, the index math of the CUDA kernel
+The CPU path uses csrc/copy/kvtier_addressing.h, the index math of the CUDA kernel
 too, so these tests cover the kernel's addressing.
 """
 
@@ -19,7 +19,8 @@ import torch
 import kvtier._copy_engine  # noqa: F401  (fails the module when the extension is not built)
 from kvtier.copy import engine as kvcopy
 from kvtier.copy import native as native_copy
-from kvtier.copy.engine import CopyError, HostPool, TorchCopyEngine, make_copy_engine
+from kvtier.copy.engine import CopyError, HostPool, TorchCopyEngine
+from kvtier.copy.choose import make_copy_engine
 from kvtier.copy.native import NativeCopyEngine
 from tests.kv_fixtures import (BAD_ARGUMENTS, DTYPES, LAYOUTS, NUM_BLOCKS, NUM_SLOTS,
                                PAYLOAD_OFFSET, assert_same, check_against_torch, kv_snapshot,

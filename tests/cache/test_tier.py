@@ -1,6 +1,6 @@
 import math
 
-from kvtier.cache.tier import EVICT_CAPACITY, EVICT_TTL, SlotAllocator, Tier
+from kvtier.cache.tier import EVICT_CAPACITY, EVICT_TTL, Tier
 
 
 def test_lru_within_capacity():
@@ -52,11 +52,3 @@ def test_time_never_goes_back():
     t.add("b", 1, now=50)                      # clamped to 100
     assert t.peek("b").last_use == 100
     assert math.isinf(Tier("y", 1).ttl)
-
-
-def test_slot_allocator():
-    s = SlotAllocator(3)
-    got = [s.take() for _ in range(3)]
-    assert sorted(got) == [0, 1, 2] and s.take() is None
-    s.give(1)
-    assert s.take() == 1

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from kvtier.config import KVTierConfig
-from kvtier.cache.groups import NULL_BLOCK, KVGroup, group_key, groups_of
+from kvtier.cache.groups import NULL_BLOCK, KVGroup, group_key
+from kvtier.vllm.groups import groups_of
 from kvtier.cache.keys import KeyChain, root_key
 from kvtier.vllm.scheduler import DRAM, KVTierScheduler
-from kvtier.cache.slots import SlotGeometry
+from kvtier.store.slots import SlotGeometry
 from tests.conftest import needs_vllm
 
 BS = 32

@@ -7,7 +7,7 @@ the current stream) passes ``after=`` (kv_fixtures.after); reads of the
 results need nothing, a call returns once its copy is complete.
 
 Under compute-sanitizer's memcheck (needs compute-sanitizer from the CUDA
-toolkit): ``python tests/test_copy_engine_cuda.py --memcheck [pytest args]``,
+toolkit): ``python tests/copy/test_copy_engine_cuda.py --memcheck [pytest args]``,
 also run by test_under_memcheck when compute-sanitizer is found.
 """
 
@@ -25,7 +25,8 @@ import torch
 
 from kvtier import _copy_engine
 from kvtier.copy import native as native_copy
-from kvtier.copy.engine import CopyError, make_copy_engine
+from kvtier.copy.engine import CopyError
+from kvtier.copy.choose import make_copy_engine
 from kvtier.copy.native import NativeCopyEngine
 from tests.kv_fixtures import (BAD_ARGUMENTS, DTYPES, LAYOUTS, NUM_BLOCKS, NUM_SLOTS,
                                PAYLOAD_OFFSET, after, assert_same, check_against_torch,
@@ -193,7 +194,7 @@ def run_under_memcheck(pytest_args: list[str]) -> int:
     cmd = [tool, "--tool", "memcheck", "--error-exitcode", "99", sys.executable, "-m", "pytest",
            "-q", "-p", "no:cacheprovider", __file__, *pytest_args]
     env = dict(os.environ, **{UNDER_SANITIZER: "1"})
-    return subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1]).returncode
+    return subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[2]).returncode
 
 
 @pytest.mark.skipif(os.environ.get(UNDER_SANITIZER) == "1", reason="already under memcheck")

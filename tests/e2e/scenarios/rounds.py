@@ -62,7 +62,8 @@ def corrupt(model, opts, prompts):
     from pathlib import Path
 
     from kvtier.cache.keys import chain_keys, root_key
-    from kvtier.store.disk import HEADER_BYTES, DiskStore
+    from kvtier.store.disk import DiskStore
+    from kvtier.store.record import HEADER_BYTES
 
     c = opts["corrupt"]
     store = Path(opts["extra"]["disk_path"])

@@ -7,7 +7,8 @@ import pytest
 import xxhash
 
 from kvtier.copy.engine import HostPool
-from kvtier.store.disk import HEADER_BYTES, DiskStore, RecordError, pack_header, record_bytes
+from kvtier.store.disk import DiskStore
+from kvtier.store.record import HEADER_BYTES, RecordError, pack_header, record_bytes
 
 NS = bytes(range(16))
 PAYLOAD = 3 * 4096 + 100

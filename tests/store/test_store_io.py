@@ -1,4 +1,4 @@
-"""The disk store's native I/O path (csrc/io_*.cpp, ``kvtier._copy_engine.IoEngine``).
+"""The disk store's native I/O path (csrc/io/io_*.cpp, ``kvtier._copy_engine.IoEngine``).
 
 Round trips through every backend this build has, against the Python path;
 O_DIRECT where the filesystem allows it and buffered I/O where it does not;
@@ -25,7 +25,8 @@ import xxhash
 
 from kvtier.store import disk as store_mod
 from kvtier.copy.engine import HostPool
-from kvtier.store.disk import HEADER_BYTES, DiskStore, RecordError, pack_header, record_bytes
+from kvtier.store.disk import DiskStore
+from kvtier.store.record import HEADER_BYTES, RecordError, pack_header, record_bytes
 
 native = pytest.mark.skipif(store_mod._IoEngine is None,
                             reason="kvtier._copy_engine has no IoEngine (extension not built)")

@@ -300,7 +300,7 @@ def doc_queries(path: Path) -> list[str]:
 
 def test_documented_queries_evaluate(prometheus, scraped, kvtier_server):
     declared, _ = exposed_names(kvtier_server.metrics())
-    docs = Path(__file__).resolve().parents[1] / "docs"
+    docs = Path(__file__).resolve().parents[2] / "docs"
     queries = [(d, q) for d in ("metrics.md", "operators.md") for q in doc_queries(docs / d)]
     assert len(queries) >= 10
     for doc, q in queries:

@@ -165,7 +165,7 @@ def test_7_lookup_is_linear_in_the_prompt(tmp_path, monkeypatch):
     from kvtier.cache.groups import group_key
     from kvtier.cache.keys import KeyChain, root_key
     from kvtier.vllm.scheduler import KVTierScheduler
-    from kvtier.cache.slots import SlotGeometry
+    from kvtier.store.slots import SlotGeometry
 
     groups = (KVGroup(0, ("f",)), KVGroup(1, ("w",), window_blocks=3))
     n = 3000
@@ -263,7 +263,8 @@ def test_12_orphans_and_young_temp_files_count_then_go(tmp_path):
 
 def test_12_fsync_covers_the_directory(tmp_path, monkeypatch):
     from kvtier.copy.engine import HostPool
-    from kvtier.store.disk import DiskStore, pack_header
+    from kvtier.store.disk import DiskStore
+    from kvtier.store.record import pack_header
     synced = []
     real = os.fsync
 

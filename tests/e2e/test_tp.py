@@ -7,7 +7,7 @@ import pytest
 from kvtier.store.tool import cmd_verify
 from tests.conftest import needs_vllm
 from tests.helpers import FULL_BLOCK_TOKENS, RECORD_BYTES
-from tests.test_e2e_connector import TOL, run_rounds
+from tests.e2e.test_e2e_connector import TOL, run_rounds
 
 pytestmark = [pytest.mark.e2e, needs_vllm]
 

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from kvtier.serving import metric_value
-from kvtier.store.disk import HEADER_BYTES, pack_header, parse_header
+from kvtier.store.record import HEADER_BYTES, pack_header, parse_header
 from kvtier.store.tool import cmd_verify
 from tests.conftest import needs_vllm
 from tests.helpers import (BLOCKS_PER_PROMPT, FULL_BLOCK_TOKENS, RECORD_BYTES, cached, prompts,
@@ -221,7 +221,7 @@ def test_ttl_expiry_and_sweeper(model_dir, tmp_path):
 
 def test_slow_disk_load_is_declined(model_dir, tmp_path):
     """A disk slower than recompute: after a few measured loads, disk hits are declined."""
-    from kvtier.cache.tier import LoadCostModel
+    from kvtier.cache.cost import LoadCostModel
     store, ps = tmp_path / "store", prompts(6, seed=19)
     with server(model_dir, store, tmp_path / "s.log", dram_bytes=50 * RECORD_BYTES,
                 load_policy="auto", env={"KVTIER_FAULT_READ_DELAY_S": "0.3"}) as s:

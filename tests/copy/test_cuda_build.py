@@ -1,6 +1,6 @@
 """CI check: the CUDA sources compile. `pip install` skips the CUDA path
 silently when nvcc is missing; this test fails when nvcc is present and
-csrc/*.cu do not compile (skipped without nvcc)."""
+csrc/copy/*.cu do not compile (skipped without nvcc)."""
 
 import shutil
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "csrc" / "check_cuda_build.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "csrc" / "copy" / "check_cuda_build.sh"
 NVCC = shutil.which("nvcc") or (
     "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
 

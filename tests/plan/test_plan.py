@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from kvtier import plan
+from kvtier.plan import traces, units
 from kvtier.plan import PlanError, TierSpec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRACES = ROOT.parent / "shared" / "traces"
 DEV = TRACES / "weka-cc-dev"
 MOONCAKE = TRACES / "mooncake"
@@ -125,11 +126,11 @@ def test_jsonl_reader_hash_ids_and_tokens(tmp_path):
 
 
 def test_token_hashing_is_chained_and_stable():
-    a = plan._token_keys(0, list(range(64)), 16)
-    b = plan._token_keys(0, [99] + list(range(1, 64)), 16)
+    a = traces._token_keys(0, list(range(64)), 16)
+    b = traces._token_keys(0, [99] + list(range(1, 64)), 16)
     assert len(a) == 4 and all(x != y for x, y in zip(a, b))   # first block differs: all do
-    assert plan._token_keys(0, list(range(64)), 16) == a
-    assert plan._token_keys(1, list(range(64)), 16) != a
+    assert traces._token_keys(0, list(range(64)), 16) == a
+    assert traces._token_keys(1, list(range(64)), 16) != a
 
 
 def test_jsonl_errors(tmp_path):
@@ -272,7 +273,7 @@ def test_kv_bytes_per_token():
 
 
 def test_parsers():
-    assert plan._list("60,5m,1h,inf", plan.parse_ttl) == [60, 300, 3600, math.inf]
+    assert units._list("60,5m,1h,inf", plan.parse_ttl) == [60, 300, 3600, math.inf]
     assert plan.parse_capacity("1e6", None) == 1e6
     assert plan.parse_capacity("inf", None) == math.inf
     assert plan.parse_capacity("2e5tok", None, "bytes") == 2e5

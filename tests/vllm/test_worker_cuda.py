@@ -27,11 +27,12 @@ import torch
 from kvtier import _copy_engine
 from kvtier.vllm import worker as worker_mod
 from kvtier.config import KVTierConfig
-from kvtier.copy.engine import KVLayout, make_copy_engine
+from kvtier.copy.engine import KVLayout
+from kvtier.copy.choose import make_copy_engine
 from kvtier.vllm.metadata import (FROM_SLOT, READ, STREAM, KVTierMetadata, KVTierWorkerMeta, LoadItem,
                              LoadJob, StoreItem, StoreJob)
-from kvtier.cache.slots import SlotGeometry
-from kvtier.store.disk import HEADER_BYTES
+from kvtier.store.slots import SlotGeometry
+from kvtier.store.record import HEADER_BYTES
 from kvtier.vllm.worker import KVTierWorker
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(

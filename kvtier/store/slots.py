@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvtier.copy.engine import round_up
-from kvtier.store.disk import HEADER_BYTES
+from kvtier.store.record import HEADER_BYTES
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 # Compiles the CUDA sources of the copy engine with nvcc and exits non-zero
 # when they do not compile. `pip install` builds the CUDA path only when it
 # finds nvcc, and says nothing when it does not: this check is the one CI
-# relies on (tests/test_cuda_build.py runs it).
+# relies on (tests/copy/test_cuda_build.py runs it).
 #
 # Without nvcc it prints a notice and exits 0, or 1 with KVTIER_REQUIRE_NVCC=1.
 # NVCC=/path/to/nvcc picks the compiler.

@@ -11,7 +11,7 @@ from kvtier.store.tool import cmd_verify
 from kvtier.tinymodel import TinyLlama, write_model
 from tests.conftest import needs_vllm
 from tests.helpers import BLOCKS_PER_PROMPT, FULL_BLOCK_TOKENS, RECORD_BYTES, records
-from tests.test_e2e_connector import run_bytecheck
+from tests.e2e.test_e2e_connector import run_bytecheck
 
 pytestmark = [pytest.mark.e2e, needs_vllm]
 

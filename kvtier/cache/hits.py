@@ -1,0 +1,162 @@
+"""Finding a prefix hit: the longest run of a request's blocks that kvtier can
+load, and what it needs block by block.
+
+Every full-attention KV cache group needs each block of the hit; a sliding-
+window group only the blocks its window sees at the hit's end. Blocks come from
+the ledger (kvtier.cache.ledger: READY in DRAM, STAGING - a read in flight the
+load joins -, READY on disk) or, on an index miss, from a probe of a shared
+store. A tier whose load is measured slower than recomputing is not used
+(kvtier.cache.cost). Pure: the caller passes the keys, the clock and the probe.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from kvtier.cache.cost import LoadCostModel
+from kvtier.cache.groups import KVGroup
+from kvtier.cache.ledger import NO_SLOT, Block, Ledger, State
+
+DRAM, DISK = "dram", "disk"
+MISSED_PROBES_PER_LOOKUP = 4   # shared-store file checks that found nothing, per lookup
+
+
+class Hit(NamedTuple):
+    block: int      # index of the block in the request
+    group: int      # KV cache group
+    key: bytes      # the group's record key
+    tier: str       # where the bytes come from: DRAM, or DISK (a record, or a read in
+                    # flight that the load joins)
+    entry: Block    # the ledger block the load reads (pinned)
+
+    @property
+    def ledger_tier(self) -> str:
+        """The tier ``entry`` belongs to."""
+        return DRAM if self.entry.slot != NO_SLOT else DISK
+
+    @property
+    def record(self) -> bool:
+        """A record on disk (not a DRAM block)."""
+        return self.ledger_tier == DISK
+
+
+class HitSearch:
+    def __init__(self, ledger: Ledger, groups: tuple[KVGroup, ...], cost: LoadCostModel,
+                 block_size: int, record_bytes: int, always: bool,
+                 declined: Callable[[str, int], None],
+                 probe: Callable[[bytes, float], Block | None] | None = None):
+        """``record_bytes``: one block of one rank; ``always``: never decline a tier;
+        ``declined(tier, blocks)``: told when a tier is declined; ``probe(key, now)``:
+        a record another process published, adopted into the ledger (or None)."""
+        self.ledger = ledger
+        self.groups = groups
+        self.full_groups = [g for g in groups if not g.windowed]
+        self.window_groups = [g for g in groups if g.windowed]
+        self.cost = cost
+        self.block_size = block_size
+        self.record_bytes = record_bytes
+        self.always = always
+        self.declined = declined
+        self.probe = probe
+
+    def longest(self, key_of, chain: list[bytes], start: int, limit: int,
+                now: float) -> list[Hit]:
+        """What the longest loadable hit after ``start`` needs, block by block.
+
+        Every full-attention group needs each block of the hit; a sliding-window
+        group only the last blocks its window sees, so the hit ends at the
+        furthest point where those are present too. A tier whose load would be
+        slower than recomputing is not used (``_slow_tier``). Each (block, group)
+        is looked up at most once: linear in the prompt's length. ``key_of(i, g)``:
+        the record key of block ``i`` in group ``g``; ``chain``: group 0's keys."""
+        UNSEEN = False
+        where = {g.index: [UNSEEN] * limit for g in self.groups}
+        probes = [MISSED_PROBES_PER_LOOKUP]
+        locate = self.ledger.locate
+
+        def tier(i: int, g: KVGroup) -> tuple[str, Block] | None:
+            w = where[g.index]
+            got = w[i]
+            if got is UNSEEN:
+                key = key_of(i, g.index)
+                got = w[i] = locate(key, now) or self._probe(key, now, probes)
+            return got
+
+        end = start
+        if len(self.full_groups) == 1 and self.full_groups[0].index == 0:
+            keys, w = chain, where[0]   # the common case, inlined
+            while end < limit:
+                got = w[end] = locate(keys[end], now) or self._probe(keys[end], now, probes)
+                if got is None:
+                    break
+                end += 1
+        else:
+            while end < limit and all(tier(end, g) for g in self.full_groups):
+                end += 1
+        declined = set()
+        while end > start:
+            end = self._fit_windows(start, end, tier)
+            if end <= start:
+                break
+            hits = []
+            for g in self.groups:
+                w = where[g.index]
+                for i in g.needed(start, end):
+                    t, entry = w[i]
+                    joined = t == DRAM and entry.state is State.STAGING
+                    hits.append(Hit(i, g.index, entry.key, DISK if joined else t, entry))
+            if len(self.groups) > 1:
+                hits.sort(key=lambda h: (h.block, h.group))
+            slow = self._slow_tier(hits, now)
+            if slow is None:
+                return hits
+            cut = next(h.block for h in hits if h.tier == slow)
+            if slow not in declined:
+                self.declined(slow, end - cut)
+                declined.add(slow)
+            end = cut
+        return []
+
+    def _fit_windows(self, start: int, end: int, tier) -> int:
+        """The furthest hit end <= ``end`` for which every sliding-window group has
+        the blocks its window needs."""
+        changed = True
+        while changed and end > start:
+            changed = False
+            for g in self.window_groups:
+                e = end
+                while e > start:
+                    j = e - 1
+                    lo = max(start, e - g.window_blocks)
+                    while j >= lo and tier(j, g):
+                        j -= 1
+                    if j < lo:
+                        break
+                    e = j   # block j is missing: the hit must end at or before it
+                if e != end:
+                    end, changed = e, True
+        return end
+
+    def _slow_tier(self, hits: list[Hit], now: float) -> str | None:
+        """A tier whose load would be slower than recomputing (never a slower hit)."""
+        if self.always:
+            return None
+        per_rank = self.record_bytes
+        for tier in (DISK, DRAM):
+            n = sum(1 for h in hits if h.tier == tier)
+            blocks = len({h.block for h in hits if h.tier == tier})
+            if n and not self.cost.worth_loading(tier, n * per_rank, blocks * self.block_size,
+                                                 now):
+                return tier
+        return None
+
+    def _probe(self, key: bytes, now: float, probes: list[int]) -> tuple[str, Block] | None:
+        """An index miss: another process may have published the record (a shared
+        store). A few misses per lookup at most: each costs a stat per rank."""
+        if probes[0] > 0 and self.probe is not None and self.ledger.writable(key):
+            block = self.probe(key, now)
+            if block is not None:
+                return DISK, block
+            probes[0] -= 1
+        return None
+

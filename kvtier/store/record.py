@@ -1,0 +1,106 @@
+"""The record format: one block of one TP rank, as a file and as a DRAM slot.
+
+A record is a 4096-byte header then the payload (padded to 4096 so O_DIRECT can
+write it in one go). The header carries magic, format version, namespace digest,
+key, rank, TP size, payload length, an xxh3-64 checksum of the payload, the
+creation time and an xxh3-64 of the header itself. A reader checks all of it
+before a byte is used (``check_record``): any mismatch is a miss, never loaded.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from kvtier.cache.keys import FORMAT_VERSION
+from kvtier.copy.engine import PAGE, round_up
+
+MAGIC = b"KVTIERB\x00"
+HEADER_BYTES = PAGE
+# magic, version, header_bytes, namespace, key, rank, tp_size, payload_len,
+# checksum, created
+_HEADER = struct.Struct("<8sII16s16sIIQQd")
+_HEADER_CRC = struct.Struct("<Q")
+
+
+# Read failures that prove a record unusable (it is then removed); an I/O error
+# or an internal error proves nothing about the record.
+RECORD_FAULTS = ("missing", "checksum", "bad_header", "truncated", "wrong_key",
+                 "wrong_namespace")
+
+
+class RecordError(Exception):
+    """A record failed validation; ``reason`` is a short metric label."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def record_bytes(payload_len: int) -> int:
+    return HEADER_BYTES + round_up(payload_len)
+
+
+def pack_header(buf, namespace: bytes, key: bytes, rank: int, tp_size: int,
+                payload_len: int, checksum: int, created: float | None = None) -> None:
+    """Write a record header into the first HEADER_BYTES of ``buf`` (a uint8 array)."""
+    head = _HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_BYTES, namespace, key, rank, tp_size,
+                        payload_len, checksum, time.time() if created is None else created)
+    crc = _HEADER_CRC.pack(xxhash.xxh3_64_intdigest(head))
+    blob = head + crc
+    buf[:len(blob)] = np.frombuffer(blob, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class Header:
+    namespace: bytes
+    key: bytes
+    rank: int
+    tp_size: int
+    payload_len: int
+    checksum: int
+    created: float
+
+
+def parse_header(buf) -> Header:
+    """The header's fields, after its own checksum, magic and version are checked."""
+    if len(buf) < _HEADER.size + _HEADER_CRC.size:
+        raise RecordError("truncated", f"{len(buf)} bytes: no header")
+    head = bytes(buf[:_HEADER.size])
+    (crc,) = _HEADER_CRC.unpack(bytes(buf[_HEADER.size:_HEADER.size + _HEADER_CRC.size]))
+    if xxhash.xxh3_64_intdigest(head) != crc:
+        raise RecordError("bad_header", "header checksum mismatch")
+    magic, version, hbytes, ns, k, r, tp, plen, checksum, created = _HEADER.unpack(head)
+    if magic != MAGIC or version != FORMAT_VERSION or hbytes != HEADER_BYTES:
+        raise RecordError("bad_header", f"magic/version {magic!r}/{version}")
+    return Header(ns, k, r, tp, plen, checksum, created)
+
+
+def check_record(buf, namespace: bytes, key: bytes, rank: int, tp_size: int,
+                 payload_len: int, file_size: int, payload_digest: int | None = None) -> None:
+    """Raise RecordError unless ``buf`` holds a valid record of exactly this block.
+
+    ``payload_digest``: the xxh3-64 of ``buf``'s payload bytes when the caller has
+    it already (the native reader hashes on its I/O threads); else computed here.
+    """
+    if file_size < HEADER_BYTES + payload_len:
+        raise RecordError("truncated", f"{file_size} bytes < {HEADER_BYTES + payload_len}")
+    h = parse_header(buf)
+    if h.namespace != namespace or h.rank != rank or h.tp_size != tp_size:
+        raise RecordError("wrong_namespace",
+                          f"record of namespace {h.namespace.hex()} rank {h.rank}/{h.tp_size}")
+    if h.key != key:
+        raise RecordError("wrong_key", f"record holds key {h.key.hex()}")
+    if h.payload_len != payload_len:
+        raise RecordError("bad_header", f"payload length {h.payload_len} != {payload_len}")
+    checksum = h.checksum
+    if payload_digest is None:
+        payload_digest = xxhash.xxh3_64_intdigest(buf[HEADER_BYTES:HEADER_BYTES + payload_len])
+    if payload_digest != checksum:
+        raise RecordError("checksum", "payload checksum mismatch")
+
+
