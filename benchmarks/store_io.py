@@ -16,7 +16,7 @@ header and payload checksums), through:
   previous pass's records are removed as evictions remove them (kept as free
   files, ``DiskStore(free_files=...)``), so writes go over existing blocks;
 * ``python``: the store's Python path (os.open/pwrite/rename), one record per
-  call from a pool of ``--threads`` Python threads, as kvtier/worker.py calls it;
+  call from a pool of ``--threads`` Python threads, as kvtier/vllm/worker.py calls it;
 
 and fio with O_DIRECT in the same directory, block size = record size,
 ``--threads`` I/Os in flight, two ways:
