@@ -73,6 +73,12 @@ class KVTierConfig:
     """Enable the disk tier. false: DRAM only."""
     ttl_seconds: float = 3600.0
     """A block unused for this long is expired: never served, then removed."""
+    max_ttl_seconds: float = 86400.0
+    """The longest TTL a request may ask for (kv_transfer_params kvtier.ttl)."""
+    max_pinned_bytes: int = -1
+    """Bytes of blocks requests may pin (kvtier.pin). Default: 1/4 of the disk tier."""
+    max_pinned_bytes_per_tenant: int = -1
+    """Of which one cache_salt tenant may pin. Default: max_pinned_bytes."""
     fsync: bool = False
     """fsync each record before publishing it (survives power loss, slower)."""
     o_direct: str = "auto"
@@ -95,7 +101,8 @@ class KVTierConfig:
             raise ConfigError(
                 f"kvtier config: unknown key(s) {unknown}; accepted keys: {sorted(known)}")
         vals: dict[str, Any] = {}
-        for key in ("dram_bytes", "disk_bytes"):
+        for key in ("dram_bytes", "disk_bytes", "max_pinned_bytes",
+                    "max_pinned_bytes_per_tenant"):
             if key in extra:
                 vals[key] = parse_size(key, extra[key])
         for key in ("disk", "fsync", "store_decode_tokens"):
@@ -106,17 +113,23 @@ class KVTierConfig:
                 if not isinstance(v, bool):
                     raise ConfigError(f"kvtier config {key!r}: expected true or false, got {v!r}")
                 vals[key] = v
-        if "ttl_seconds" in extra:
-            v = extra["ttl_seconds"]
-            try:
-                v = float(v)
-            except (TypeError, ValueError):
-                v = float("nan")
-            if not v > 0:
-                raise ConfigError(
-                    f"kvtier config 'ttl_seconds': expected a number > 0 (or 'inf'), "
-                    f"got {extra['ttl_seconds']!r}")
-            vals["ttl_seconds"] = v
+        for key in ("ttl_seconds", "max_ttl_seconds"):
+            if key in extra:
+                v = extra[key]
+                try:
+                    v = float(v)
+                except (TypeError, ValueError):
+                    v = float("nan")
+                if not v > 0:
+                    raise ConfigError(
+                        f"kvtier config {key!r}: expected a number > 0 (or 'inf'), "
+                        f"got {extra[key]!r}")
+                vals[key] = v
+        if vals.get("max_ttl_seconds", math.inf) < vals.get("ttl_seconds", cls.ttl_seconds):
+            raise ConfigError(
+                f"kvtier config 'max_ttl_seconds': {vals['max_ttl_seconds']!r} is below "
+                f"ttl_seconds ({vals.get('ttl_seconds', cls.ttl_seconds)!r}); it caps what "
+                "requests may ask for above the default")
         for key in ("io_threads", "min_hit_blocks"):
             if key in extra:
                 v = extra[key]
@@ -152,7 +165,16 @@ class KVTierConfig:
                 disk_bytes = min(st.f_bavail * st.f_frsize // 2, 1 << 40)
             except OSError:
                 disk_bytes = 10 << 30
-        return replace(self, disk_path=disk_path, dram_bytes=dram, disk_bytes=disk_bytes)
+        max_ttl = max(self.max_ttl_seconds, self.ttl_seconds)
+        pinned = self.max_pinned_bytes
+        if pinned < 0:
+            pinned = (disk_bytes if self.disk and disk_bytes > 0 else dram) // 4
+        per_tenant = self.max_pinned_bytes_per_tenant
+        if per_tenant < 0:
+            per_tenant = pinned
+        return replace(self, disk_path=disk_path, dram_bytes=dram, disk_bytes=disk_bytes,
+                       max_ttl_seconds=max_ttl, max_pinned_bytes=pinned,
+                       max_pinned_bytes_per_tenant=per_tenant)
 
     @property
     def disk_enabled(self) -> bool:

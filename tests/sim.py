@@ -72,7 +72,8 @@ class Req:
 
 class MiniEngine:
     def __init__(self, root: Path, tp: int = 2, pages: int = 48, slots: int = 16,
-                 disk_records: int | None = 64, ttl: float = 3600.0, io_threads: int = 2):
+                 disk_records: int | None = 64, ttl: float = 3600.0, io_threads: int = 2,
+                 **config):
         self.root = Path(root)
         self.tp = tp
         self.num_pages = pages
@@ -82,6 +83,7 @@ class MiniEngine:
         self.record = SlotGeometry(PAYLOAD, slots).record_bytes
         extra = {"dram_bytes": slots * self.record, "ttl_seconds": ttl, "io_threads": io_threads,
                  "disk_path": str(self.root / "store")}
+        extra.update(config)
         if disk_records is None:
             extra["disk"] = False
         else:
@@ -91,6 +93,7 @@ class MiniEngine:
         self.violations: list[str] = []
         self.load_failures = 0
         self.deferred = 0
+        self.reports: dict[str, dict | None] = {}
         self.hits = {"tokens": 0, "loaded_ok": 0}
         self._faults: dict[tuple[int, str], list[str]] = {}
         self._held: dict[int, list] = {}      # rank -> outputs held back
@@ -175,12 +178,16 @@ class MiniEngine:
                 "disk_path": c.disk_path, "disk_bytes": c.disk_bytes, "disk": c.disk}
 
     # -------------------------------------------------------------- requests
-    def add(self, rid: str, tokens: list[int], max_tokens: int = 1) -> None:
-        """A request; it decodes ``max_tokens`` tokens after its prefill."""
+    def add(self, rid: str, tokens: list[int], max_tokens: int = 1, salt: str | None = None,
+            kvtier: dict | None = None) -> None:
+        """A request; it decodes ``max_tokens`` tokens after its prefill. ``kvtier``:
+        its kv_transfer_params' "kvtier" object (retention), as the API passes it."""
         from vllm.sampling_params import SamplingParams
         from vllm.v1.request import Request
-        self.reqs[rid] = Req(Request(rid, list(tokens), SamplingParams(max_tokens=max_tokens),
-                                     None), max_tokens=max_tokens)
+        extra = {"kv_transfer_params": {"kvtier": kvtier}} if kvtier is not None else None
+        sp = SamplingParams(max_tokens=max_tokens, extra_args=extra)
+        self.reqs[rid] = Req(Request(rid, list(tokens), sp, None, cache_salt=salt),
+                             max_tokens=max_tokens)
 
     def keys(self, rid: str) -> list[bytes]:
         vreq = self.reqs[rid].vreq
@@ -204,7 +211,7 @@ class MiniEngine:
         req = self.reqs[rid]
         if req.status == "loading":
             req.hold.add("recv")      # vLLM frees on finished_recving
-        keep = self.sched.request_finished(req.vreq)
+        keep, self.reports[rid] = self.sched.request_finished(req.vreq)
         if keep:
             req.hold.add("send")
         req.status = "done"

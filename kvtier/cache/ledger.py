@@ -34,6 +34,13 @@ A disk write that needs room takes over the file of the block it evicts (the
 worker renames it and writes over it): no unlink, no new allocation, and the
 file count never goes over the budget. Keys being removed or handed over are
 not written or adopted again until that is done.
+
+Retention (what a request asked for, kvtier.cache.retention): a block may get a
+TTL longer than the tier's (``ttl=`` of begin_store/begin_write/touch), and a
+*kept* record stays out of LRU eviction until a time (``keep``), within a
+budget of kept bytes overall and per tenant; over budget the keep is refused.
+Keeps apply to the disk tier (the tier that holds a prefix for an hour), or to
+DRAM when there is no disk tier.
 """
 
 from __future__ import annotations
@@ -87,7 +94,8 @@ class Ledger:
     """DRAM slots and disk records: states, pins, LRU within TTL, budgets."""
 
     def __init__(self, num_slots: int, disk_bytes: int, record_size: int,
-                 ttl: float = math.inf, file_touch_every: float = 60.0):
+                 ttl: float = math.inf, file_touch_every: float = 60.0,
+                 max_kept_bytes: float = 0, max_kept_bytes_per_tenant: float = 0):
         if num_slots < 1:
             raise ValueError("the DRAM tier needs at least one slot")
         self.num_slots = num_slots
@@ -106,6 +114,11 @@ class Ledger:
         self._evicting_for: bytes | None = None  # a write making room: gets the victim's file
         self._victim: bytes | None = None
         self._removals: list[bytes] = []         # new removals for the sweeper
+        self.max_kept = max_kept_bytes
+        self.max_kept_tenant = max_kept_bytes_per_tenant or max_kept_bytes
+        self.kept_bytes = 0.0
+        self._kept: dict[bytes, tuple[str, Entry]] = {}   # key -> (tenant, entry) kept
+        self._kept_by_tenant: dict[str, float] = {}
         self.stats = LedgerStats()
 
     # ----------------------------------------------------------------- queries
@@ -125,13 +138,15 @@ class Ledger:
         (READY, or STAGING: the load joins the read in flight) or "disk" (READY)."""
         # The hot path of every lookup (once per block): Tier.live, inlined.
         e = self.dram._entries.get(key)
-        if e is not None and (e.pins or now - e.last_use < self.dram.ttl):
+        if e is not None and (e.pins or now - e.last_use < self.dram.ttl
+                              or now - e.last_use < e.ttl):
             b = e.value
             if b.state is State.READY or b.state is State.STAGING:
                 return "dram", b
         if self.disk is not None:
             e = self.disk._entries.get(key)
-            if e is not None and (e.pins or now - e.last_use < self.disk.ttl) \
+            if e is not None and (e.pins or now - e.last_use < self.disk.ttl
+                                  or now - e.last_use < e.ttl) \
                     and e.value.state is State.READY:
                 return "disk", e.value
         return None
@@ -178,20 +193,21 @@ class Ledger:
 
     def _dram_evicted(self, key, entry: Entry, cause: str) -> None:
         # Only unpinned READY blocks are evicted (fills hold a pin).
+        self._unkeep(key, entry)
         self._give_slot(entry.value.slot)
 
-    def _new_dram(self, key: bytes, state: State, now: float) -> Block | None:
+    def _new_dram(self, key: bytes, state: State, now: float, ttl: float = 0.0) -> Block | None:
         if key in self.dram:
             return None
-        entry = self.dram.add(key, 1, now, value=None, pinned=True)
+        entry = self.dram.add(key, 1, now, value=None, pinned=True, ttl=ttl)
         if entry is None:
             return None
         entry.value = Block(key, state, entry, slot=self._take_slot())
         return entry.value
 
-    def begin_store(self, key: bytes, now: float) -> Block | None:
+    def begin_store(self, key: bytes, now: float, ttl: float = 0.0) -> Block | None:
         """absent -> STORING: a slot for a GPU->DRAM copy (None: no room / present)."""
-        return self._new_dram(key, State.STORING, now)
+        return self._new_dram(key, State.STORING, now, ttl)
 
     def end_store(self, block: Block, ok: bool) -> None:
         assert block.state is State.STORING
@@ -223,7 +239,7 @@ class Ledger:
         if block.pins == 0:
             self.dram.discard(block.key, EVICT_DROPPED)
             return
-        self.dram.detach(block.key, EVICT_DROPPED)
+        self._unkeep(block.key, self.dram.detach(block.key, EVICT_DROPPED))
         block.detached = True
         self.held_slots += 1
         self._fit_dram()
@@ -246,6 +262,7 @@ class Ledger:
     # ------------------------------------------------------------------ disk
     def _disk_evicted(self, key, entry: Entry, cause: str) -> None:
         block: Block = entry.value
+        self._unkeep(key, entry)
         if cause == EVICT_CAPACITY and self._evicting_for is not None and self._victim is None:
             self._victim = key   # the write making room takes this file over
             self._handover[key] = self._evicting_for
@@ -265,14 +282,15 @@ class Ledger:
     def _fit_disk(self) -> None:
         self.disk.capacity = max(0, self.disk_budget - self.held_disk)
 
-    def begin_write(self, key: bytes, now: float) -> tuple[Block | None, bytes | None]:
+    def begin_write(self, key: bytes, now: float,
+                    ttl: float = 0.0) -> tuple[Block | None, bytes | None]:
         """absent -> WRITING: reserve a record of ``key``; (block, key of the evicted
         record whose file the write takes over, or None). (None, None): no room."""
         if not self.writable(key):
             return None, None
         self._evicting_for, self._victim = key, None
         try:
-            entry = self.disk.add(key, self.record_size, now, pinned=True)
+            entry = self.disk.add(key, self.record_size, now, pinned=True, ttl=ttl)
         finally:
             victim, self._evicting_for, self._victim = self._victim, None, None
         if entry is None:
@@ -337,7 +355,7 @@ class Ledger:
         if entry is None or entry.value is not block:
             return
         self.stats.dropped["disk"] += 1
-        self.disk.detach(block.key, EVICT_DROPPED)
+        self._unkeep(block.key, self.disk.detach(block.key, EVICT_DROPPED))
         block.detached = True
         if block.pins == 0:
             self._queue_removal(block.key)
@@ -370,11 +388,57 @@ class Ledger:
         return False
 
     # ------------------------------------------------------------ use & time
-    def touch(self, key: bytes, now: float) -> bool:
-        """A use of ``key``: refresh its LRU position and TTL in every tier."""
-        in_dram = self.dram.touch(key, now)
-        in_disk = self.disk is not None and self.disk.touch(key, now)
+    def touch(self, key: bytes, now: float, ttl: float = 0.0) -> bool:
+        """A use of ``key``: refresh its LRU position and TTL in every tier (at
+        least ``ttl`` from now on)."""
+        in_dram = self.dram.touch(key, now, ttl)
+        in_disk = self.disk is not None and self.disk.touch(key, now, ttl)
         return in_dram or in_disk
+
+    # ------------------------------------------------------------- retention
+    def keep(self, key: bytes, until: float, tenant: str, now: float) -> bool | None:
+        """Keep ``key``'s block out of LRU eviction until ``until`` (in the disk
+        tier, or DRAM without one), within the kept-bytes budgets. True: kept;
+        False: refused (over budget); None: no such block."""
+        tier = self.disk if self.disk is not None else self.dram
+        entry = tier.peek(key)
+        if entry is None:
+            return None
+        if entry.keep_until >= until:
+            return True
+        self._expire_keeps(now)
+        held = self._kept.get(key)
+        need = 0 if held is not None else entry.size
+        if need and (self.kept_bytes + need > self.max_kept
+                     or self._kept_by_tenant.get(tenant, 0) + need > self.max_kept_tenant):
+            return False
+        entry.keep_until = until
+        if held is None:
+            self._kept[key] = (tenant, entry)
+            self.kept_bytes += need
+            self._kept_by_tenant[tenant] = self._kept_by_tenant.get(tenant, 0) + need
+        return True
+
+    def _unkeep(self, key, entry: Entry) -> None:
+        held = self._kept.get(key)
+        if held is None or held[1] is not entry:
+            return
+        del self._kept[key]
+        tenant = held[0]
+        self.kept_bytes -= entry.size
+        self._kept_by_tenant[tenant] -= entry.size
+        if self._kept_by_tenant[tenant] <= 0:
+            del self._kept_by_tenant[tenant]
+
+    def _expire_keeps(self, now: float) -> None:
+        """Keeps whose time is over stop counting (their blocks stay, in LRU order)."""
+        for key, (_, entry) in list(self._kept.items()):
+            if entry.keep_until <= now:
+                self._unkeep(key, entry)
+
+    def kept_by_tenant(self, now: float) -> dict[str, float]:
+        self._expire_keeps(now)
+        return dict(self._kept_by_tenant)
 
     def expire(self, now: float) -> None:
         self.dram.expire(now)
@@ -402,3 +466,7 @@ class Ledger:
             assert self.held_disk >= sum(self._removing.values())
         for name, b in self.blocks():
             assert not b.detached and b.pins >= 0, b
+        assert self.kept_bytes == sum(e.size for _, e in self._kept.values())
+        assert self.kept_bytes <= self.max_kept
+        for tenant, n in self._kept_by_tenant.items():
+            assert n <= self.max_kept_tenant, (tenant, n)

@@ -8,6 +8,12 @@ class, so the planner's answers cannot drift from the product's behaviour.
 
 Time is passed in (``now``), never read here: the connector passes wall-clock
 time, the planner passes trace time. Calls must come in non-decreasing time.
+
+Retention per entry: an entry may carry a TTL longer than the tier's (a request
+that said how long it will be back: never shorter, so the tier's TTL is the
+shortest and LRU order still bounds the expiry scan), and may be *kept* until a
+time: out of LRU eviction until then (a pinned prefix). A kept entry still
+expires at the end of its TTL.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ class Entry:
     last_use: float
     pins: int = 0
     value: Any = None       # tier-specific payload (e.g. the DRAM slot)
+    ttl: float = 0.0        # > the tier's: this entry's own TTL (0: the tier's)
+    keep_until: float = -math.inf   # not evicted by LRU before this time
 
 
 @dataclass
@@ -74,8 +82,11 @@ class Tier:
             self._clock = now
         return self._clock
 
+    def ttl_of(self, entry: Entry) -> float:
+        return entry.ttl if entry.ttl > self.ttl else self.ttl
+
     def expired(self, entry: Entry, now: float) -> bool:
-        return entry.pins == 0 and now - entry.last_use >= self.ttl
+        return entry.pins == 0 and now - entry.last_use >= self.ttl_of(entry)
 
     def get(self, key: Hashable, now: float) -> Entry | None:
         """The live entry for ``key`` (None if absent or expired; expired ones go)."""
@@ -91,18 +102,23 @@ class Tier:
         """The entry for ``key`` unless absent or expired; changes nothing (the
         hot path of lookups: expired entries go in ``get``/``expire``)."""
         entry = self._entries.get(key)
-        if entry is None or (entry.pins == 0 and now - entry.last_use >= self.ttl):
+        if entry is None or (entry.pins == 0 and now - entry.last_use >= self.ttl
+                             and now - entry.last_use >= entry.ttl):
             return None
         return entry
 
     def peek(self, key: Hashable) -> Entry | None:
         return self._entries.get(key)
 
-    def touch(self, key: Hashable, now: float) -> bool:
+    def touch(self, key: Hashable, now: float, ttl: float = 0.0) -> bool:
+        """A use: the entry's last use is now (its TTL restarts), LRU position
+        last; ``ttl``: at least this TTL from now on."""
         entry = self.get(key, now)
         if entry is None:
             return False
         entry.last_use = self._clock
+        if ttl > entry.ttl:
+            entry.ttl = ttl
         self._entries.move_to_end(key)
         self.stats.hits += 1
         return True
@@ -116,7 +132,7 @@ class Tier:
             entry.pins -= 1
 
     def make_room(self, size: int, now: float) -> bool:
-        """Evict expired, then LRU unpinned entries until ``size`` fits."""
+        """Evict expired, then LRU unpinned entries not kept until ``size`` fits."""
         now = self._advance(now)
         self.expire(now)
         if size > self.capacity:
@@ -126,7 +142,7 @@ class Tier:
         victims = []
         freed = 0
         for key, entry in self._entries.items():
-            if entry.pins:
+            if entry.pins or entry.keep_until > now:
                 continue
             victims.append(key)
             freed += entry.size
@@ -139,13 +155,15 @@ class Tier:
         return True
 
     def add(self, key: Hashable, size: int, now: float, value: Any = None,
-            pinned: bool = False, evict: bool = True) -> Entry | None:
+            pinned: bool = False, evict: bool = True, ttl: float = 0.0) -> Entry | None:
         """Insert (or refresh) ``key``; None when no room can be made (``evict=False``:
-        when it does not fit as things are)."""
+        when it does not fit as things are). ``ttl``: at least this TTL."""
         now = self._advance(now)
         entry = self._entries.get(key)
         if entry is not None:
             entry.last_use = now
+            if ttl > entry.ttl:
+                entry.ttl = ttl
             self._entries.move_to_end(key)
             if pinned:
                 entry.pins += 1
@@ -154,7 +172,7 @@ class Tier:
         if not fits:
             self.stats.rejected += 1
             return None
-        entry = Entry(size=size, last_use=now, pins=1 if pinned else 0, value=value)
+        entry = Entry(size=size, last_use=now, pins=1 if pinned else 0, value=value, ttl=ttl)
         self._entries[key] = entry
         self.used += size
         self.stats.inserts += 1
@@ -173,15 +191,16 @@ class Tier:
         return entry
 
     def expire(self, now: float) -> int:
-        """Drop unpinned entries idle for >= ttl. Cost: O(expired + pinned at the head)."""
+        """Drop unpinned entries idle for >= their TTL. Cost: O(expired + pinned or
+        longer-lived entries at the head)."""
         if math.isinf(self.ttl):
             return 0
         now = self._advance(now)
         gone = []
         for key, entry in self._entries.items():
             if now - entry.last_use < self.ttl:
-                break   # LRU order = last-use order: the rest are younger
-            if not entry.pins:
+                break   # LRU order = last-use order, the tier's TTL the shortest
+            if not entry.pins and now - entry.last_use >= entry.ttl:
                 gone.append(key)
         for key in gone:
             self._remove(key, EVICT_TTL)

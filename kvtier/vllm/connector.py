@@ -178,8 +178,8 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
 
     def request_finished(self, request: "Request",
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        return self.scheduler.request_finished(request), None
+        return self.scheduler.request_finished(request)
 
     def request_finished_all_groups(self, request: "Request", block_ids: tuple[list[int], ...]
                                     ) -> tuple[bool, dict[str, Any] | None]:
-        return self.scheduler.request_finished(request), None
+        return self.scheduler.request_finished(request)

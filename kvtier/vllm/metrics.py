@@ -45,6 +45,11 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                       "DRAM slot was held by loads and stores in flight", ()),
     "kvtier_streamed_blocks_total": ("counter", "Disk blocks loaded through scratch slots (DRAM "
                                      "too full to stage them)", ()),
+    "kvtier_pins_refused_total": ("counter", "Blocks a request asked to pin (kvtier.pin) that "
+                                  "the pin budget refused (the request is served)", ()),
+    "kvtier_bad_request_params_total": ("counter", "Requests whose kv_transfer_params.kvtier "
+                                        "was not understood (served on the defaults)", ()),
+    "kvtier_pinned_bytes": ("gauge", "Bytes of blocks pinned by requests (kvtier.pin)", ()),
     "kvtier_orphan_records_total": ("counter", "Records some TP rank lacked at start-up "
                                     "(removed)", ()),
     "kvtier_declined_loads_total": ("counter", "Hits declined because recompute was faster",

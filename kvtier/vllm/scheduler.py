@@ -39,6 +39,7 @@ from kvtier.cache.cost import LoadCostModel
 from kvtier.cache.keys import KeyChain, root_key
 from kvtier.cache.hits import DISK, DRAM, Hit, HitSearch
 from kvtier.cache.ledger import Block, Ledger, State
+from kvtier.cache.retention import Retention, retention_of
 from kvtier.vllm.metadata import (FROM_SLOT, NO_SLOT, READ, STREAM, KVTierMetadata, KVTierWorkerMeta,
                              LoadItem, LoadJob, StoreItem, StoreJob)
 from kvtier.vllm.metrics import CHECKSUM_REASONS, StatsRecorder
@@ -88,6 +89,12 @@ class ReqState:
     store_jobs: int = 0          # store jobs not yet answered by every rank
     load: LoadPlan | None = None  # a load in flight
     group_keys: dict[int, list] = field(default_factory=dict)   # group -> record keys (lazy)
+    retention: Retention = Retention(0.0, False)   # what the request asked for
+    tenant: str = ""             # its cache_salt
+    local_tokens: int = 0        # vLLM's own prefix hit at the last lookup
+    loaded: dict[str, int] = field(default_factory=dict)   # tokens kvtier loads, by tier
+    stored_blocks: int = 0       # blocks of group 0 this request stored
+    pins_refused: set = field(default_factory=set)   # keys whose pin went over the budget
 
     def key(self, i: int, g: int) -> bytes:
         """The record key of block ``i`` in KV cache group ``g``."""
@@ -146,8 +153,12 @@ class KVTierScheduler:
             # new files): up to 1/16 of the budget, 64 per rank, counted in it.
             spare = min(64, cfg.disk_bytes // self.record_size // 16)
             disk_budget = cfg.disk_bytes - spare * self.record_size
+        self.ledger_has_disk = disk_budget > 0
         self.ledger = Ledger(geometry.num_slots, disk_budget, self.record_size, cfg.ttl_seconds,
-                             file_touch_interval(cfg.ttl_seconds))
+                             file_touch_interval(cfg.ttl_seconds),
+                             max_kept_bytes=self._kept_units(cfg.max_pinned_bytes, geometry),
+                             max_kept_bytes_per_tenant=self._kept_units(
+                                 cfg.max_pinned_bytes_per_tenant, geometry))
         self.sweeper: Sweeper | None = None
         if self.ledger.disk is not None:
             self.rank_stores = [DiskStore(cfg.disk_path, namespace, r, tp_size,
@@ -183,6 +194,13 @@ class KVTierScheduler:
                                                              tier=tier),
                               self._probe_shared if self.rank_stores else None)
 
+    def _kept_units(self, nbytes: int, geometry: SlotGeometry) -> int:
+        """The pin budget in the ledger's units: bytes of records (the disk tier),
+        or DRAM slots without one."""
+        if self.ledger_has_disk:
+            return nbytes
+        return nbytes // (geometry.slot_bytes * self.tp_size)
+
     def _flush_removals(self) -> None:
         if self.sweeper is not None:
             self.sweeper.flush()
@@ -200,8 +218,16 @@ class KVTierScheduler:
                                                                  None) is not None:
                 return None   # KV depends on more than token ids: never cache
             lora = request.lora_request.lora_name if request.lora_request else None
-            root = root_key(self.namespace, getattr(request, "cache_salt", None), lora)
-            st = ReqState(request, KeyChain(root, self.block_size))
+            salt = getattr(request, "cache_salt", None)
+            root = root_key(self.namespace, salt, lora)
+            retention = retention_of(getattr(request, "kv_transfer_params", None),
+                                     self.cfg.ttl_seconds, self.cfg.max_ttl_seconds)
+            if retention.error:
+                log.warning("kvtier: request %s: %s (served on the defaults)",
+                            request.request_id, retention.error)
+                self.stats.inc("kvtier_bad_request_params_total")
+            st = ReqState(request, KeyChain(root, self.block_size), retention=retention,
+                          tenant=salt or "")
             self._reqs[request.request_id] = st
         return st
 
@@ -255,6 +281,8 @@ class KVTierScheduler:
             self._drop_pending(self._pending_hits.pop(request.request_id, None))
             st = self._state(request)
             bs = self.block_size
+            if st is not None:
+                st.local_tokens = num_computed_tokens
             if st is None or num_computed_tokens % bs or st.load is not None:
                 return 0, False
             max_blocks = (request.num_tokens - 1) // bs   # the last token is recomputed
@@ -317,7 +345,7 @@ class KVTierScheduler:
             block_tier: dict[int, str] = {}
             streamed: list[tuple[Hit, int]] = []
             for hit in filter(used, pending.hits):
-                self._use(hit.key, now)
+                self._use(hit.key, now, st)
                 page = gpu[hit.group][hit.block]
                 covered.add((hit.block, hit.group))
                 if hit.tier == DISK:
@@ -366,6 +394,7 @@ class KVTierScheduler:
                 plan.tokens_by_tier[block_tier.get(i, DRAM)] += self.block_size
             for tier, tokens in plan.tokens_by_tier.items():
                 self.stats.inc("kvtier_hit_tokens_total", tokens, tier=tier)
+            st.loaded = dict(plan.tokens_by_tier)
             st.load = plan
             self._loads[request.request_id] = plan
             self._new_loads.append(LoadJob(request.request_id, plan.items))
@@ -384,14 +413,25 @@ class KVTierScheduler:
             out[DISK] = out.get(DISK, 0) + left
         return out
 
-    def _use(self, key: bytes, now: float) -> bool:
-        """A use of ``key``: LRU and TTL refreshed in every tier, and the record's
+    def _use(self, key: bytes, now: float, st: ReqState | None = None) -> bool:
+        """A use of ``key`` by request ``st``: LRU and TTL refreshed in every tier
+        (at least the TTL the request asked for; kept if it pins), and the record's
         mtime (its last use after a restart) when it is due; False if no tier has it."""
-        present = self.ledger.touch(key, now)
+        ttl = st.retention.ttl if st is not None else 0.0
+        present = self.ledger.touch(key, now, ttl)
+        if present and st is not None and st.retention.pin:
+            self._keep(key, now, st)
         block = self.ledger.disk_block(key, now) if present else None
         if block is not None and block.state is State.READY and self.ledger.touch_due(block, now):
             self.sweeper.touch(key, now)
         return present
+
+    def _keep(self, key: bytes, now: float, st: ReqState) -> None:
+        """Pin ``key`` for the request's TTL, within the budget (refusals counted)."""
+        if self.ledger.keep(key, now + st.retention.ttl, st.tenant, now) is False \
+                and key not in st.pins_refused:
+            st.pins_refused.add(key)
+            self.stats.inc("kvtier_pins_refused_total")
 
     # ---------------------------------------------------------------- stores
     def build_connector_meta(self, so) -> KVTierMetadata:
@@ -445,22 +485,27 @@ class KVTierScheduler:
                 if g.windowed and page == NULL_BLOCK:   # left the window before it was stored
                     continue
                 key = st.key(i, g.index)
-                if self._use(key, now):
+                if self._use(key, now, st):
                     continue
-                dram = self.ledger.begin_store(key, now)
+                ttl = st.retention.ttl
+                dram = self.ledger.begin_store(key, now, ttl)
                 if dram is None:
                     self.stats.inc("kvtier_skipped_stores_total", reason="dram_full")
                     continue
                 fills.append(dram)
                 to_disk, reuse = False, None
                 if self.ledger.disk is not None:
-                    disk, reuse = self.ledger.begin_write(key, now)
+                    disk, reuse = self.ledger.begin_write(key, now, ttl)
                     to_disk = disk is not None
                     if to_disk:   # the write reads the slot
                         self._writes[key] = Pending([disk], readers=[self.ledger.pin(dram)])
                     else:
                         self.stats.inc("kvtier_skipped_stores_total", reason="disk_full")
                 items.append(StoreItem(key, page, dram.slot, to_disk, g.index, reuse))
+                if g.index == 0:
+                    st.stored_blocks += 1
+                if st.retention.pin:
+                    self._keep(key, now, st)
                 if g.windowed:
                     self._flush_next = True   # the page may leave the window next step
         st.handled_blocks = n_full
@@ -579,29 +624,46 @@ class KVTierScheduler:
             self.ledger.unpin_disk(block)
         self.ledger.give_scratch(plan.scratch)
 
-    def request_finished(self, request: "Request") -> bool:
-        """True: vLLM keeps the request's blocks until the workers report it in
-        finished_sending (store copies may still read them)."""
+    def request_finished(self, request: "Request") -> tuple[bool, dict | None]:
+        """(keep, report). keep: vLLM keeps the request's blocks until the workers
+        report it in finished_sending (store copies may still read them). report:
+        what the request got, for the response's ``kv_transfer_params``."""
         with self._lock:
             self._drop_pending(self._pending_hits.pop(request.request_id, None))
             st = self._reqs.pop(request.request_id, None)
             if st is None:
-                return False
+                return False, None
             # A use ends at completion. Refresh the last block first so that the
             # prefix's first block, the one every continuation needs, leaves last.
             now = self.clock()
             for key in reversed(st.chain.keys[:st.handled_blocks]):
                 for g in reversed(self.groups):
-                    self._use(group_key(key, g.index), now)
+                    self._use(group_key(key, g.index), now, st)
+            report = self._report(st)
             if st.load is not None:
                 # Aborted while its load is in flight: vLLM frees the blocks when the
                 # load is reported finished (finished_recving), never before.
-                return False
+                return False, report
             if st.store_jobs:
                 self._await_sending.add(request.request_id)
                 self._held_pages.add(request.request_id)
-                return True
-            return False
+                return True, report
+            return False, report
+
+    def _report(self, st: ReqState) -> dict:
+        """Like a provider's cache_read/cache_creation tokens: where the prompt's KV
+        came from, what was stored, the TTL granted (and any refused pin or bad
+        parameter)."""
+        r = st.retention
+        out = {"cached_tokens": {"gpu": st.local_tokens, "dram": st.loaded.get(DRAM, 0),
+                                 "disk": st.loaded.get(DISK, 0)},
+               "stored_tokens": st.stored_blocks * self.block_size,
+               "ttl_seconds": r.ttl, "pinned": r.pin and not st.pins_refused}
+        if st.pins_refused:
+            out["pin_refused_blocks"] = len(st.pins_refused)
+        if r.error:
+            out["error"] = r.error
+        return {"kvtier": out}
 
     # ------------------------------------------------------------- reporting
     def take_stats(self):
@@ -627,6 +689,9 @@ class KVTierScheduler:
                 self.stats.set("kvtier_occupancy_bytes", tier.used * size, tier=tier.name)
                 self.stats.set("kvtier_capacity_bytes", tier.capacity * size, tier=tier.name)
                 self.stats.set("kvtier_blocks", len(tier), tier=tier.name)
+            kept = L.kept_by_tenant(self.clock())
+            unit = 1 if self.ledger_has_disk else self.geometry.slot_bytes * self.tp_size
+            self.stats.set("kvtier_pinned_bytes", sum(kept.values()) * unit)
             return self.stats.take()
 
     # ------------------------------------------------------------- invariants

@@ -39,7 +39,11 @@ class Lifecycle(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="kvtier-model-")
+        # a pin budget of 8 records (4 per tenant): pins are granted and refused
+        record = 2 * 8192   # SlotGeometry(PAYLOAD, ...).record_bytes x TP ranks
         self.engine = MiniEngine(self.dir, tp=2, pages=40, slots=12, disk_records=24, ttl=600,
+                                 max_pinned_bytes=8 * record,
+                                 max_pinned_bytes_per_tenant=4 * record,
                                  io_threads=int(__import__("os").environ.get("KVTIER_MODEL_IO", "1")))
         self.n = 0
 
@@ -53,12 +57,15 @@ class Lifecycle(RuleBasedStateMachine):
 
     # ---------------------------------------------------------------- traffic
     @rule(prefix=st.integers(0, len(PREFIXES) - 1), blocks=st.integers(1, 6),
-          tail=st.integers(0, 40))
-    def request(self, prefix, blocks, tail):
-        """An agent turn: part of a shared prefix, then its own tokens."""
+          tail=st.integers(0, 40), salt=st.sampled_from([None, "a"]),
+          retention=st.sampled_from([None, {"ttl": 1200}, {"ttl": "1h", "pin": True},
+                                     {"pin": True}, {"ttl": "bogus"}]))
+    def request(self, prefix, blocks, tail, salt, retention):
+        """An agent turn: part of a shared prefix, then its own tokens; some say how
+        long they will be back (TTL), some pin it, some ask nonsense."""
         self.n += 1
         tokens = PREFIXES[prefix][:blocks * BS] + [7 + self.n] * tail
-        self.engine.add(f"r{self.n}", tokens + [1])
+        self.engine.add(f"r{self.n}", tokens + [1], salt=salt, kvtier=retention)
 
     @rule(late=st.sets(st.integers(0, 1), max_size=1))
     def step(self, late):
@@ -110,6 +117,12 @@ class Lifecycle(RuleBasedStateMachine):
             if tier == "dram" and block.state.value == "ready":
                 for w in e.workers:
                     assert w._slot_key[block.slot] == block.key, (block, w.rank)
+
+    @invariant()
+    def pins_never_exceed_their_budget(self):
+        L = self.engine.sched.ledger
+        assert L.kept_bytes <= L.max_kept
+        assert all(n <= L.max_kept_tenant for n in L.kept_by_tenant(self.engine.now).values())
 
     @invariant()
     def idle_means_no_pins(self):
