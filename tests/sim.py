@@ -68,6 +68,7 @@ class Req:
     hold: set = field(default_factory=set)   # what must arrive before pages are freed
     aborted: bool = False
     max_tokens: int = 1
+    invalid: set = field(default_factory=set)   # pages reported bad while loading
 
 
 class MiniEngine:
@@ -348,6 +349,11 @@ class MiniEngine:
         out = KVConnectorOutput(finished_sending=sending or None, finished_recving=recving or None,
                                 kv_connector_worker_meta=meta, invalid_block_ids=invalid)
         self.sched.update_connector_output(out)
+        # As vLLM's scheduler (failed_recving_kv_req_ids): a bad page reported while
+        # the load is still open on another rank is remembered until it finishes.
+        for req in self.reqs.values():
+            if req.status == "loading" and req.pages:
+                req.invalid |= invalid & set(req.pages)
         # As vLLM's Scheduler._update_from_kv_xfer_finished: a finished request's
         # blocks are freed (and the request forgotten) on the first of the two.
         for rid in recving:
@@ -374,6 +380,7 @@ class MiniEngine:
         keys = self.keys(rid)
         n = req.loaded // BS
         good = n
+        invalid, req.invalid = invalid | req.invalid, set()
         for i in range(n):
             if req.pages[i] in invalid:
                 good = min(good, i)
