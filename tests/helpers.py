@@ -23,7 +23,7 @@ def prompts(n=6, length=PROMPT_TOKENS, seed=1):
     return [[rng.randrange(0, 256) for _ in range(length)] for _ in range(n)]
 
 
-def server(model_dir, store: Path, log: Path, env=None, **extra) -> Server:
+def server(model_dir, store: Path, log: Path, env=None, vllm_args=(), **extra) -> Server:
     """A kvtier server on the tiny test model. Loads are always taken: on this tiny
     model recompute is about as fast as a load, and the tests check loads (the
     cost model has its own test, which sets load_policy "auto")."""
@@ -31,7 +31,8 @@ def server(model_dir, store: Path, log: Path, env=None, **extra) -> Server:
            "load_policy": "always"}
     cfg.update(extra)
     args = cpu_defaults(1024) + ["--num-gpu-blocks-override", str(GPU_BLOCKS),
-                                 "--enable-prompt-tokens-details", "--seed", "0"]
+                                 "--enable-prompt-tokens-details", "--seed", "0",
+                                 *vllm_args]
     return Server(model_dir, cfg, args, log_path=str(log), env=env)
 
 

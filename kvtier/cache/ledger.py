@@ -73,6 +73,7 @@ class Block:
     detached: bool = False         # dropped while pinned: out of the index
     touched: float = -math.inf     # disk: the record's mtime as last set
     reuse: bytes | None = None     # disk, WRITING: the evicted key whose file it takes over
+    ext: object = None             # the caller's name for the block (e.g. vLLM's block hash)
 
     @property
     def pins(self) -> int:
@@ -119,6 +120,10 @@ class Ledger:
         self.kept_bytes = 0.0
         self._kept: dict[bytes, tuple[str, Entry]] = {}   # key -> (tenant, entry) kept
         self._kept_by_tenant: dict[str, float] = {}
+        # Blocks that became READY in a tier, and blocks that left a tier's index,
+        # since the last take_changes(): (tier, block). Off unless ``track = True``.
+        self.track = False
+        self._changes: list[tuple[bool, str, Block]] = []
         self.stats = LedgerStats()
 
     # ----------------------------------------------------------------- queries
@@ -194,6 +199,7 @@ class Ledger:
     def _dram_evicted(self, key, entry: Entry, cause: str) -> None:
         # Only unpinned READY blocks are evicted (fills hold a pin).
         self._unkeep(key, entry)
+        self._changed(False, "dram", entry.value)
         self._give_slot(entry.value.slot)
 
     def _new_dram(self, key: bytes, state: State, now: float, ttl: float = 0.0) -> Block | None:
@@ -224,6 +230,7 @@ class Ledger:
     def _end_fill(self, block: Block, ok: bool) -> None:
         if ok:
             block.state = State.READY
+            self._changed(True, "dram", block)
         else:
             self.drop_dram(block)
         self.unpin_dram(block)   # the fill's own pin
@@ -240,6 +247,7 @@ class Ledger:
             self.dram.discard(block.key, EVICT_DROPPED)
             return
         self._unkeep(block.key, self.dram.detach(block.key, EVICT_DROPPED))
+        self._changed(False, "dram", block)
         block.detached = True
         self.held_slots += 1
         self._fit_dram()
@@ -263,6 +271,7 @@ class Ledger:
     def _disk_evicted(self, key, entry: Entry, cause: str) -> None:
         block: Block = entry.value
         self._unkeep(key, entry)
+        self._changed(False, "disk", block)
         if cause == EVICT_CAPACITY and self._evicting_for is not None and self._victim is None:
             self._victim = key   # the write making room takes this file over
             self._handover[key] = self._evicting_for
@@ -307,6 +316,7 @@ class Ledger:
             block.reuse = None
         if ok:
             block.state = State.READY
+            self._changed(True, "disk", block)
         else:
             self.drop_disk(block)
         self.unpin_disk(block)
@@ -356,6 +366,7 @@ class Ledger:
             return
         self.stats.dropped["disk"] += 1
         self._unkeep(block.key, self.disk.detach(block.key, EVICT_DROPPED))
+        self._changed(False, "disk", block)
         block.detached = True
         if block.pins == 0:
             self._queue_removal(block.key)
@@ -368,6 +379,16 @@ class Ledger:
         this ledger's, e.g. temp files found at start-up."""
         self.held_disk += nbytes
         self._fit_disk()
+
+    def _changed(self, ready: bool, tier: str, block: Block) -> None:
+        if self.track and block is not None and (ready or block.state is State.READY):
+            self._changes.append((ready, tier, block))
+
+    def take_changes(self) -> list[tuple[bool, str, Block]]:
+        """(became ready, tier, block) since the last call: True when the block
+        became READY in the tier, False when a READY block left it."""
+        out, self._changes = self._changes, []
+        return out
 
     def take_removals(self) -> list[bytes]:
         """Keys whose records the sweeper must remove (then call ``removed``)."""

@@ -84,9 +84,11 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
             # vLLM's block hashes are collision-resistant with sha256 (its default):
             # then kvtier may look up the keys of blocks it saw before by them.
             algo = str(getattr(vllm_config.cache_config, "prefix_caching_hash_algo", ""))
-            self.scheduler = KVTierScheduler(self.cfg, ns.digest(), ns.tp_size, ns.block_size,
-                                             geometry, groups=self.groups,
-                                             memo_keys=algo.startswith("sha256"))
+            kv_events = getattr(vllm_config, "kv_events_config", None)
+            self.scheduler = KVTierScheduler(
+                self.cfg, ns.digest(), ns.tp_size, ns.block_size, geometry, groups=self.groups,
+                memo_keys=algo.startswith("sha256"),
+                events=bool(kv_events and kv_events.enable_kv_cache_events))
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -158,6 +160,9 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
 
     def update_connector_output(self, connector_output) -> None:
         self.scheduler.update_connector_output(connector_output)
+
+    def take_events(self):
+        return self.scheduler.take_events() if self.scheduler is not None else ()
 
     def has_pending_push_work(self) -> bool:
         return self.scheduler is not None and self.scheduler.has_pending_work()

@@ -126,7 +126,7 @@ class KVTierScheduler:
     def __init__(self, cfg: KVTierConfig, namespace: bytes, tp_size: int, block_size: int,
                  geometry: SlotGeometry, clock: Callable[[], float] = time.time,
                  groups: tuple[KVGroup, ...] = FULL, start_sweeper: bool = True,
-                 memo_keys: bool = False):
+                 memo_keys: bool = False, events: bool = False):
         self.cfg = cfg
         self.groups = groups
         self.full_groups = [g for g in groups if not g.windowed]
@@ -177,6 +177,7 @@ class KVTierScheduler:
         self._new_loads: list[LoadJob] = []
         self._await_sending: set[str] = set()   # to tell the workers, next step
         self._held_pages: set[str] = set()      # finished requests whose pages kvtier holds
+        self._events: list = []                  # KV events to publish (take_events)
         self._store_jobs: dict[int, Pending] = {}
         self._writes: dict[bytes, Pending] = {}
         self._stages: dict[bytes, Pending] = {}
@@ -188,11 +189,56 @@ class KVTierScheduler:
         # resent prefix is looked up, not hashed again (a 128K-token prompt: 4,096
         # blake2b calls). Bounded; oldest first out.
         self._key_memo: dict[bytes, bytes] | None = {} if memo_keys else None
+        # KV events for routers (vLLM's --kv-events-config): a block's vLLM hash
+        # rides on its ledger block; its arrivals and departures become events.
+        self.ledger.track = events
         self.hits = HitSearch(self.ledger, groups, self.cost, block_size, geometry.record_bytes,
                               cfg.load_policy == "always",
                               lambda tier, n: self.stats.inc("kvtier_declined_loads_total", n,
                                                              tier=tier),
                               self._probe_shared if self.rank_stores else None)
+
+    # ------------------------------------------------------------ KV events
+    def _ext(self, st: ReqState, i: int, group: int):
+        """Block ``i`` of the request as vLLM names it in its KV events (its own
+        block hash), or None when events are off or vLLM has not hashed it."""
+        if not self.ledger.track:
+            return None
+        hashes = getattr(st.request, "block_hashes", None) or ()
+        if i >= len(hashes):
+            return None
+        bs = self.block_size
+        lora = st.request.lora_request.lora_name if st.request.lora_request else None
+        return (hashes[i], hashes[i - 1] if i else None,
+                list(st.request.all_token_ids[i * bs:(i + 1) * bs]), group, lora)
+
+    def _event(self, stored: bool, tier: str, block: Block):
+        from vllm.distributed.kv_events import (MEDIUM_CPU, MEDIUM_STORAGE, BlockRemoved,
+                                                BlockStored)
+        from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+        h, parent, tokens, group, lora = block.ext
+        medium = MEDIUM_CPU if tier == DRAM else MEDIUM_STORAGE
+        if not stored:
+            return BlockRemoved(block_hashes=[maybe_convert_block_hash(h)], medium=medium,
+                                group_idx=group)
+        return BlockStored(block_hashes=[maybe_convert_block_hash(h)],
+                           parent_block_hash=None if parent is None
+                           else maybe_convert_block_hash(parent),
+                           token_ids=tokens, block_size=self.block_size, lora_id=None,
+                           medium=medium, lora_name=lora, group_idx=group)
+
+    def take_events(self) -> list:
+        """vLLM KV events for kvtier's tiers since the last call: BlockStored when a
+        block is ready in DRAM ("CPU") or on disk ("STORAGE"), BlockRemoved when it
+        leaves (evicted, expired, dropped). Blocks recovered from disk at start-up
+        are announced when a request first names them (vLLM's hash is unknown
+        before). The event format has no expiry time."""
+        with self._lock:
+            out, self._events = self._events, []
+            for stored, tier, block in self.ledger.take_changes():
+                if block.ext is not None:
+                    out.append(self._event(stored, tier, block))
+            return out
 
     def _kept_units(self, nbytes: int, geometry: SlotGeometry) -> int:
         """The pin budget in the ledger's units: bytes of records (the disk tier),
@@ -362,9 +408,13 @@ class KVTierScheduler:
                                                    hit.group))
                         continue
                     plan.disk_readers.append(entry)
+                    if self.ledger.track and entry.ext is None:   # recovered from disk:
+                        entry.ext = self._ext(st, hit.block, hit.group)   # named now
+                        self._events.append(self._event(True, DISK, entry))
                     if self._staging < self.max_staging:
                         dram = self.ledger.begin_stage(hit.key, now)
                     if dram is not None:
+                        dram.ext = entry.ext
                         self._staging += 1
                         self._stages[hit.key] = Pending([dram])
                         plan.dram_readers.append(self.ledger.pin(dram))   # the scatter reads it
@@ -492,12 +542,15 @@ class KVTierScheduler:
                 if dram is None:
                     self.stats.inc("kvtier_skipped_stores_total", reason="dram_full")
                     continue
+                ext = self._ext(st, i, g.index)
+                dram.ext = ext
                 fills.append(dram)
                 to_disk, reuse = False, None
                 if self.ledger.disk is not None:
                     disk, reuse = self.ledger.begin_write(key, now, ttl)
                     to_disk = disk is not None
                     if to_disk:   # the write reads the slot
+                        disk.ext = ext
                         self._writes[key] = Pending([disk], readers=[self.ledger.pin(dram)])
                     else:
                         self.stats.inc("kvtier_skipped_stores_total", reason="disk_full")
