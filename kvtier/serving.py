@@ -97,6 +97,10 @@ class Server:
         cmd = server_command(self.model, self.port, self.kvtier, self.vllm_args, self.connector)
         env = server_env(extra=self.env)
         env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+        # A server on 127.0.0.1 (one node): vLLM need not find its host address by
+        # connecting a UDP socket towards 8.8.8.8 (no packet goes out, but it is a
+        # connect() to a public address all the same).
+        env.setdefault("VLLM_HOST_IP", "127.0.0.1")
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)

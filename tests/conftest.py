@@ -12,6 +12,8 @@ SHARED = ROOT.parent / "shared"
 # Every vLLM engine and server the tests start inherits this: no usage
 # statistics sent anywhere (kvtier.serving.Server sets the same for its servers).
 os.environ.update(NO_TELEMETRY)
+# One node: vLLM's address is the loopback's (else found by a UDP connect() to 8.8.8.8).
+os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 
 # KVTIER_CI=1 (.ci/run): a skipped test fails the run unless it is marked `cuda`
 # (no GPU on the CI machine). Skip reasons are printed with -rs.

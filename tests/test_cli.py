@@ -122,12 +122,14 @@ def test_servers_started_by_kvtier_have_telemetry_off(monkeypatch, tmp_path):
         raise Started
 
     monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.delenv("VLLM_HOST_IP", raising=False)
     monkeypatch.setenv("DO_NOT_TRACK", "0")
     monkeypatch.delenv("VLLM_NO_USAGE_STATS", raising=False)
     with pytest.raises(Started):
         serving.Server("m", {}, [], env={"VLLM_NO_USAGE_STATS": "0", "X": "1"}).start()
     env = seen["env"]
     assert env["VLLM_NO_USAGE_STATS"] == "1" and env["DO_NOT_TRACK"] == "1" and env["X"] == "1"
+    assert env["VLLM_HOST_IP"] == "127.0.0.1"
 
 
 def test_unknown_command_prints_usage(capsys):
