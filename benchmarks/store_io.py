@@ -7,12 +7,10 @@ header (``store.record_bytes``). A round writes ``--mib`` MiB of such records
 from page-aligned DRAM slots (``HostPool``) and reads them back (validated:
 header and payload checksums), through:
 
-* ``native``: the store's native path (``kvtier._copy_engine.IoEngine``), one
-  ``write_batch``/``read_batch`` call for the whole round, ``--threads``
-  records in flight, with its default backend;
-* ``native-<other backend>``: the same through the other backend (threads vs
-  io_uring) when this build has it;
-* ``native_reuse``: the native default with a full store's steady state: the
+* ``native``: the store's native path (``kvtier._copy_engine.IoEngine``: a C++
+  thread pool), one ``write_batch``/``read_batch`` call for the whole round,
+  ``--threads`` records in flight;
+* ``native_reuse``: the native path with a full store's steady state: the
   previous pass's records are removed as evictions remove them (kept as free
   files, ``DiskStore(free_files=...)``), so writes go over existing blocks;
 * ``python``: the store's Python path (os.open/pwrite/rename), one record per
@@ -232,21 +230,13 @@ def bench_size(name: str, payload: int, args, fio, engine, fio_why) -> dict:
     cases = []
     native_default = None
     if store_mod._IoEngine is not None:
-        default = store_mod.DEFAULT_NATIVE_BACKEND
-        backends = [default] + [b for b in ("threads", "io_uring") if b != default]
-        for b in backends:
-            try:
-                s = DiskStore(root / b, NS, 0, 1, io_threads=args.threads, native_io=b)
-            except RuntimeError:
-                continue      # io_uring not in this build / kernel
-            label = "native" if b == default else f"native-{b}"
-            cases.append(StoreCase(f"{label} ({s.io_backend}, batch)", s, True, args.threads))
-            native_default = native_default or cases[-1].label
-            if b == default:
-                s = DiskStore(root / "reuse", NS, 0, 1, io_threads=args.threads, native_io=b,
-                              free_files=n)
-                cases.append(StoreCase(f"native_reuse ({s.io_backend}, batch, full store)", s,
-                                       True, args.threads, reuse=True))
+        s = DiskStore(root / "threads", NS, 0, 1, io_threads=args.threads, native_io="threads")
+        cases.append(StoreCase(f"native ({s.io_backend}, batch)", s, True, args.threads))
+        native_default = cases[-1].label
+        s = DiskStore(root / "reuse", NS, 0, 1, io_threads=args.threads, native_io="threads",
+                      free_files=n)
+        cases.append(StoreCase(f"native_reuse ({s.io_backend}, batch, full store)", s,
+                               True, args.threads, reuse=True))
     s = DiskStore(root / "python", NS, 0, 1, io_threads=args.threads, native_io="off")
     cases.append(StoreCase(f"python ({args.threads} threads, per record)", s, False, args.threads))
     if not all(c.store.o_direct for c in cases):
@@ -371,7 +361,7 @@ def main() -> None:
     ioe = store_mod._IoEngine
     print(f"store_io: {d} on {dev} ({fstype}); {platform.node()}, {os.cpu_count()} CPUs, "
           f"kernel {platform.release()}; native I/O: "
-          f"{'default backend ' + store_mod.DEFAULT_NATIVE_BACKEND if ioe else 'not built'}"
+          f"{'threads' if ioe else 'not built'}"
           f"; fio: {fio or fio_why}", flush=True)
 
     figures: dict = {}
@@ -398,7 +388,7 @@ def main() -> None:
             if k.startswith(("native_", "python")):
                 figures[f"{k}_write_{name}_vs_fio"] = v["write_vs_fio"]
                 figures[f"{k}_read_{name}_vs_fio"] = v["read_vs_fio"]
-    figures["backend"] = store_mod.DEFAULT_NATIVE_BACKEND if ioe else "python"
+    figures["backend"] = "threads" if ioe else "python"
     figures["o_direct"] = all(r["o_direct"] for r in results.values())
     figures["fio"] = bool(fio)
     figures["threads"] = args.threads

@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from kvtier.config import ConfigError, KVTierConfig, _default_cache_dir
+from kvtier.cliargs import ArgumentParser, checked, integer, json_object, number
+from kvtier.config import ConfigError, KVTierConfig, _default_cache_dir, parse_size
 
 DEFAULT_MODEL_DIR = _default_cache_dir() / "models" / "tiny-llama"
 
@@ -20,19 +21,40 @@ def default_model() -> str:
     return str(write_model(DEFAULT_MODEL_DIR, weights=True))
 
 
+def _size(key: str):
+    """A size argument (``64GiB``), checked as the config key ``key``; kept as given."""
+    def conv(text: str) -> str:
+        parse_size(key, text)
+        return text
+    return checked(conv, ConfigError)
+
+
+def _directory(text: str) -> str:
+    if not text.strip():
+        raise ValueError("expected a directory path")
+    return text
+
+
 def _kvtier_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("kvtier (kv_connector_extra_config)")
-    g.add_argument("--kvtier-config", default=None,
+    g.add_argument("--kvtier-config", default=None, type=json_object("kvtier settings"),
                    help="JSON object of kvtier settings (keys: see docs/operators.md)")
-    g.add_argument("--dram-bytes", help="DRAM tier budget, e.g. 64GiB")
-    g.add_argument("--disk-path", help="disk tier directory (local NVMe)")
-    g.add_argument("--disk-bytes", help="disk tier budget, e.g. 2TiB")
-    g.add_argument("--ttl-seconds", type=float, help="block TTL (default 3600)")
+    g.add_argument("--dram-bytes", type=_size("dram_bytes"),
+                   help="DRAM tier budget, e.g. 64GiB")
+    g.add_argument("--disk-path", type=checked(_directory, ValueError),
+                   help="disk tier directory (local NVMe)")
+    g.add_argument("--disk-bytes", type=_size("disk_bytes"), help="disk tier budget, e.g. 2TiB")
+    g.add_argument("--ttl-seconds", type=number(0, allow_inf=True),
+                   help="block TTL in seconds, or inf (default 3600)")
     g.add_argument("--no-disk", action="store_true", help="DRAM tier only")
 
 
-def _extra_config(args) -> dict:
-    extra = json.loads(args.kvtier_config) if args.kvtier_config else {}
+def _extra_config(args, parser: argparse.ArgumentParser) -> dict:
+    extra = dict(args.kvtier_config or {})
+    try:   # the JSON's own keys and values, named as such
+        KVTierConfig.from_extra_config(extra)
+    except ConfigError as e:
+        parser.error(f"argument --kvtier-config: {e}")
     for key in ("dram_bytes", "disk_path", "disk_bytes", "ttl_seconds"):
         if getattr(args, key) is not None:
             extra[key] = getattr(args, key)
@@ -43,38 +65,36 @@ def _extra_config(args) -> dict:
 
 
 def cmd_serve(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="kvtier serve",
         description="Start vLLM's OpenAI server with kvtier. Unknown arguments go to vLLM.")
     _kvtier_options(p)
+    p.add_argument("--port", type=integer(1, 65535), default=8000,
+                   help="the server's port (default 8000)")
     p.add_argument("model", nargs="?", default=None,
                    help="model name or path (default: an embedded tiny Llama)")
     args, vllm_args = p.parse_known_args(argv)
-    from kvtier.serving import cpu_defaults, has_cuda, server_command
+    extra = _extra_config(args, p)
+    from kvtier.serving import cpu_defaults, has_cuda, server_command, server_env
 
     model = args.model or default_model()
     if not has_cuda() and "--block-size" not in vllm_args:
         vllm_args = cpu_defaults() + vllm_args
-    port = "8000"
-    if "--port" in vllm_args:
-        i = vllm_args.index("--port")
-        port = vllm_args.pop(i + 1)
-        vllm_args.pop(i)
-    cmd = server_command(model, int(port), _extra_config(args), vllm_args)
-    if "--host" in vllm_args:   # the operator's --host wins over our 127.0.0.1
-        i = cmd.index("--host")
+    cmd = server_command(model, args.port, extra, vllm_args)
+    if any(a == "--host" or a.startswith("--host=") for a in vllm_args):
+        i = cmd.index("--host")   # the operator's --host wins over our 127.0.0.1
         del cmd[i:i + 2]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, server_env())
 
 
 def cmd_demo(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="kvtier demo", description=(
+    p = ArgumentParser(prog="kvtier demo", description=(
         "An agentic demo on an embedded tiny Llama: a few agents resend long contexts after "
         "the small GPU KV cache has evicted them; kvtier serves them from DRAM, then from "
         "disk after a server restart."))
-    p.add_argument("--agents", type=int, default=4)
-    p.add_argument("--context-tokens", type=int, default=1500)
+    p.add_argument("--agents", type=integer(1), default=4)
+    p.add_argument("--context-tokens", type=integer(32), default=1500)
     p.add_argument("--store", default=None, help="disk tier directory (default: a fresh one "
                    "under ~/.cache/kvtier/demo-store)")
     args = p.parse_args(argv)
@@ -164,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"kvtier: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:   # argparse: --help (0) or a bad argument (2, one line said)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,21 @@ CONNECTOR = {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvt
              "kv_role": "kv_both"}
 
 
+# Set for every server kvtier starts (``kvtier serve``, and ``Server``: the demo, the
+# tests): vLLM sends usage statistics to a remote endpoint otherwise, and
+# DO_NOT_TRACK is the common opt-out that vLLM and its libraries honour.
+NO_TELEMETRY = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
+def server_env(base: dict | None = None, extra: dict | None = None) -> dict:
+    """The environment of a server kvtier starts: ``base`` (default ``os.environ``),
+    then ``extra``, with telemetry off (NO_TELEMETRY always wins)."""
+    env = dict(os.environ if base is None else base)
+    env.update(extra or {})
+    env.update(NO_TELEMETRY)
+    return env
+
+
 def has_cuda() -> bool:
     try:
         import torch
@@ -80,8 +95,12 @@ class Server:
 
     def start(self) -> "Server":
         cmd = server_command(self.model, self.port, self.kvtier, self.vllm_args, self.connector)
-        env = dict(os.environ, **(self.env or {}))
+        env = server_env(extra=self.env)
         env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+        # A server on 127.0.0.1 (one node): vLLM need not find its host address by
+        # connecting a UDP socket towards 8.8.8.8 (no packet goes out, but it is a
+        # connect() to a public address all the same).
+        env.setdefault("VLLM_HOST_IP", "127.0.0.1")
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)

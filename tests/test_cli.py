@@ -3,6 +3,7 @@ import os
 import time
 
 import numpy as np
+import pytest
 import xxhash
 
 from kvtier.cli import main
@@ -30,9 +31,106 @@ def write(store: DiskStore, pool: HostPool, i: int, age: float = 0.0):
 def test_serve_rejects_bad_config_before_starting_vllm(capsys):
     assert main(["serve", "--dram-bytes", "lots"]) == 2
     err = capsys.readouterr().err
-    assert "dram_bytes" in err and "'lots'" in err
+    assert "--dram-bytes" in err and "dram_bytes" in err and "'lots'" in err
     assert main(["serve", "--kvtier-config", '{"ttl": 5}']) == 2
     assert "unknown key" in capsys.readouterr().err
+
+
+# Every argument the CLI parses, given a bad value: (argv, the argument's name, a word
+# of what it accepts).
+BAD_ARGS = [
+    (["serve", "--kvtier-config", "{not json"], "--kvtier-config", "JSON object"),
+    (["serve", "--kvtier-config", "[1, 2]"], "--kvtier-config", "JSON object"),
+    (["serve", "--kvtier-config", '{"dram_bytes": "lots"}'], "--kvtier-config", "size"),
+    (["serve", "--kvtier-config", '{"ttl": 5}'], "--kvtier-config", "accepted keys"),
+    (["serve", "--dram-bytes", "lots"], "--dram-bytes", "64GiB"),
+    (["serve", "--disk-bytes", "-1"], "--disk-bytes", "64GiB"),
+    (["serve", "--disk-path", " "], "--disk-path", "directory"),
+    (["serve", "--ttl-seconds", "soon"], "--ttl-seconds", "number > 0"),
+    (["serve", "--ttl-seconds", "0"], "--ttl-seconds", "number > 0"),
+    (["serve", "--port", "http"], "--port", "1 to 65535"),
+    (["serve", "--port", "70000"], "--port", "1 to 65535"),
+    (["serve", "--port"], "--port", "expected one argument"),
+    (["demo", "--agents", "0"], "--agents", "integer >= 1"),
+    (["demo", "--agents", "many"], "--agents", "integer >= 1"),
+    (["demo", "--context-tokens", "8"], "--context-tokens", "integer >= 32"),
+    (["store", "gc", ".", "--ttl-seconds", "soon"], "--ttl-seconds", "number > 0"),
+    (["store", "gc", ".", "--max-bytes", "lots"], "--max-bytes", "64GiB"),
+    (["store", "shred", "."], "action", "choose from"),
+    (["plan", "x.jsonl", "--jobs", "0"], "--jobs", "integer >= 1"),
+    (["plan", "x.jsonl", "--block-tokens", "-64"], "--block-tokens", "integer >= 1"),
+    (["plan", "x.jsonl", "--target", "95"], "--target", "<= 1"),
+    (["plan", "x.jsonl", "--stagger", "-1"], "--stagger", ">= 0"),
+    (["plan", "x.jsonl", "--ttl", "5parsecs"], "--ttl", "5m, 1h or inf"),
+    (["plan", "x.jsonl", "--dram", "1GiB"], "--dram", "--kv-bytes-per-token"),
+    (["plan", "x.jsonl", "--size-ttl", "later"], "--size-ttl", "5m, 1h or inf"),
+]
+
+
+@pytest.mark.parametrize("argv,name,accepts", BAD_ARGS, ids=[" ".join(a[0]) for a in BAD_ARGS])
+def test_bad_arguments_get_one_line_naming_them(argv, name, accepts, tmp_path, monkeypatch,
+                                                capsys):
+    """A bad value never starts anything and never shows a traceback: exit status 2 and
+    one line on stderr naming the argument and what it accepts."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.jsonl").write_text('{"t": 0, "hash_ids": [1]}\n')
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("kvtier serve started a server"))
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert name in lines[0] and accepts in lines[0], lines[0]
+    assert "Traceback" not in err and not out
+
+
+class Started(Exception):
+    pass
+
+
+def test_serve_starts_vllm_with_telemetry_off(monkeypatch, capsys):
+    """kvtier serve execs vLLM's server with its arguments, and with VLLM_NO_USAGE_STATS=1
+    and DO_NOT_TRACK=1 in its environment, whatever the caller's environment says."""
+    seen = {}
+
+    def execve(path, argv, env):
+        seen.update(argv=argv, env=env)
+        raise Started
+
+    monkeypatch.setattr(os, "execve", execve)
+    monkeypatch.setenv("DO_NOT_TRACK", "0")
+    monkeypatch.delenv("VLLM_NO_USAGE_STATS", raising=False)
+    with pytest.raises(Started):
+        main(["serve", "some/model", "--port", "8123", "--dram-bytes", "1GiB",
+              "--max-num-seqs", "4"])
+    argv, env = seen["argv"], seen["env"]
+    assert env["VLLM_NO_USAGE_STATS"] == "1" and env["DO_NOT_TRACK"] == "1"
+    assert argv[argv.index("--model") + 1] == "some/model"
+    assert argv[argv.index("--port") + 1] == "8123" and argv.count("--port") == 1
+    assert json.loads(argv[argv.index("--kv-transfer-config") + 1])[
+        "kv_connector_extra_config"] == {"dram_bytes": "1GiB"}
+    assert argv[-2:] == ["--max-num-seqs", "4"]
+
+
+def test_servers_started_by_kvtier_have_telemetry_off(monkeypatch, tmp_path):
+    """kvtier.serving.Server (the demo's, the tests') sets the same environment."""
+    import subprocess
+
+    from kvtier import serving
+    seen = {}
+
+    def popen(cmd, env, **kw):
+        seen["env"] = env
+        raise Started
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.delenv("VLLM_HOST_IP", raising=False)
+    monkeypatch.setenv("DO_NOT_TRACK", "0")
+    monkeypatch.delenv("VLLM_NO_USAGE_STATS", raising=False)
+    with pytest.raises(Started):
+        serving.Server("m", {}, [], env={"VLLM_NO_USAGE_STATS": "0", "X": "1"}).start()
+    env = seen["env"]
+    assert env["VLLM_NO_USAGE_STATS"] == "1" and env["DO_NOT_TRACK"] == "1" and env["X"] == "1"
+    assert env["VLLM_HOST_IP"] == "127.0.0.1"
 
 
 def test_unknown_command_prints_usage(capsys):

@@ -416,6 +416,34 @@ def test_dockerfile_builds_on_vllm_openai():
     assert "with_cuda" in text, "the image build must fail when the CUDA path is missing"
 
 
+def test_every_counter_kvtier_updates_is_exported():
+    """Each name kvtier's code passes to stats.inc/set/observe is a declared metric, and
+    KVTierPromMetrics.observe takes a payload with all of them: an undeclared name
+    raised KeyError in vLLM's API server (it stopped serving) on the first update."""
+    from kvtier.vllm.metrics import KVTierPromMetrics, StatsRecorder
+    used = set()
+    for src in (ROOT / "kvtier").rglob("*.py"):
+        used |= set(re.findall(r"stats\.(?:inc|set|observe)\(\s*\"(kvtier_\w+)\"",
+                               src.read_text()))
+    assert "kvtier_hit_tokens_total" in used             # the pattern finds the calls
+    assert used <= set(METRICS), f"not in kvtier.vllm.metrics.METRICS: {sorted(used - set(METRICS))}"
+    rec = StatsRecorder()
+    for name in sorted(used):
+        kind, _, labels = METRICS[name]
+        lab = {k: "disk" if k == "tier" else "x" for k in labels}
+        (rec.observe if kind == "histogram" else rec.set if kind == "gauge" else rec.inc)(
+            name, 1, **lab)
+    prom = object.__new__(KVTierPromMetrics)              # vLLM's metric classes aside
+    seen = []
+    prom._metrics = {n: (None, METRICS[n][2]) for n in METRICS}
+    prom._last = {}
+    prom._child = lambda name, engine_idx, lkey: type("C", (), {
+        "inc": lambda self, v: seen.append(name), "set": lambda self, v: seen.append(name),
+        "observe": lambda self, v: seen.append(name)})()
+    prom.observe(rec.take().data)
+    assert set(seen) == used
+
+
 def test_metrics_doc_covers_every_metric():
     doc = (ROOT / "docs" / "metrics.md").read_text()
     for name, (kind, _, labels) in METRICS.items():

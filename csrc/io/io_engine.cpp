@@ -9,8 +9,7 @@
 #include <cstdio>
 #include <stdexcept>
 
-#define XXH_INLINE_ALL
-#include "io_xxhash.h"
+#include <xxhash.h>
 
 namespace kvtier {
 
@@ -100,16 +99,27 @@ int write_record_sync(const WriteItem& it, bool fsync) {
   return fsync ? fsync_dir(parent_dir(it.final)) : 0;
 }
 
+// The errno for a path that is not a regular file: EISDIR for a directory
+// (also when O_DIRECT made its open fail with EINVAL), else EINVAL.
+static int not_a_record(const struct stat& st) { return S_ISDIR(st.st_mode) ? EISDIR : EINVAL; }
+
 ReadResult read_record_sync(const ReadItem& it) {
   ReadResult r;
+  struct stat st;
   const int fd = ::open(it.path.c_str(), open_flags_read(it.direct));
   if (fd < 0) {
     r.err = errno;
+    if (r.err == EINVAL && it.direct && ::stat(it.path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
+      r.err = not_a_record(st);
     return r;
   }
-  struct stat st;
   if (::fstat(fd, &st) != 0) {
     r.err = errno;
+    ::close(fd);
+    return r;
+  }
+  if (!S_ISREG(st.st_mode)) {  // a directory, a device...: no record, not a fault of one
+    r.err = not_a_record(st);
     ::close(fd);
     return r;
   }

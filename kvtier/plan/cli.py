@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 
+from kvtier.cliargs import ArgumentParser, integer, number
 from kvtier.plan.plots import plot_sizing, plot_sweep, plot_timeline
 from kvtier.plan.replay import ReplayResult, TierSpec, _label, replay, replay_many, tier_configs
 from kvtier.plan.report import sizing_text, table
@@ -20,7 +21,7 @@ from kvtier.plan.traces import FORMATS, TIER_NAMES, PlanError, load
 from kvtier.plan.units import _list, fmt_bytes, parse_capacity, parse_ttl
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="kvtier plan",
         description="Replay request traces through kvtier's cache policy (index.Tier: LRU "
                     "within a TTL, under a capacity) and report hit rates, prefills per "
@@ -29,12 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="trace files or directories")
     p.add_argument("--format", choices=FORMATS, default="auto",
                    help="trace format (default: detected from the first file)")
-    p.add_argument("--block-tokens", type=int, default=None,
+    p.add_argument("--block-tokens", type=integer(1), default=None,
                    help="tokens per cached block (default: the trace's: 64 kv-cache-tester, "
                         "512 Mooncake, 64 jsonl); a multiple of the trace's block")
-    p.add_argument("--hash-block-tokens", type=int, default=None,
+    p.add_argument("--hash-block-tokens", type=integer(1), default=None,
                    help="jsonl: tokens per block behind 'hash_ids' (default --block-tokens)")
-    p.add_argument("--stagger", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--stagger", type=number(0, above=False), default=0.0, metavar="SECONDS",
                    help="start the i-th trace file i x SECONDS later (default 0: every "
                         "kv-cache-tester conversation starts at time 0)")
     p.add_argument("--ttl", default="60,300,3600,inf",
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"hierarchy mode: {what} capacity, comma list; plain numbers "
                             "are tokens, sizes with a unit (64GiB) bytes")
     p.add_argument("--hbm-ttl", default="inf", help="TTL of the HBM tier [inf]")
-    p.add_argument("--kv-bytes-per-token", type=int, default=None,
+    p.add_argument("--kv-bytes-per-token", type=integer(1), default=None,
                    help="KV-cache bytes per token (e.g. 131072 for Llama-3-8B in bf16)")
     p.add_argument("--model-config", default=None,
                    help="a model's config.json: KV bytes per token = 2 x layers x KV heads x "
@@ -60,18 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-ttl", default=None,
                    help="also size the tiers at this TTL: smallest capacity reaching "
                         "--target (NVMe) and --dram-target (DRAM) of the unbounded hit rate")
-    p.add_argument("--target", type=float, default=0.95,
+    p.add_argument("--target", type=number(0, maximum=1), default=0.95,
                    help="fraction of the unbounded-capacity hit rate the whole cache "
                         "(the NVMe tier) must reach [%(default)s]")
-    p.add_argument("--dram-target", type=float, default=None,
+    p.add_argument("--dram-target", type=number(0, maximum=1), default=None,
                    help="fraction the DRAM tier alone must reach (e.g. 0.8); omit for a "
                         "single answer")
     p.add_argument("--json", action="store_true",
                    help="print the rows as a JSON list on stdout instead of the table")
     p.add_argument("--plot", metavar="DIR", default=None, help="write PNG plots to DIR")
-    p.add_argument("--sample-interval", type=float, default=None,
+    p.add_argument("--sample-interval", type=number(0), default=None,
                    help="timeline sample interval in trace seconds [span/400]")
-    p.add_argument("--jobs", type=int, default=None,
+    p.add_argument("--jobs", type=integer(1), default=None,
                    help="parallel replays [number of CPUs]")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return p
@@ -102,17 +103,29 @@ def _main(args: argparse.Namespace, say: Callable[..., None]) -> int:
             raise PlanError(f"{args.model_config}: {e}") from None
         kv = kv_bytes_per_token(cfg, args.kv_dtype)
         say(f"KV cache: {kv} bytes/token ({fmt_bytes(kv)}) from {args.model_config}")
-    ttls = _list(args.ttl, parse_ttl)
+    def arg(name: str, parse: Callable[[], object]) -> object:
+        """``parse()``, its PlanError naming the argument it read."""
+        try:
+            return parse()
+        except PlanError as e:
+            raise PlanError(f"argument {name}: {e}") from None
+
+    ttls = arg("--ttl", lambda: _list(args.ttl, parse_ttl))
     caps = None
     if args.capacity_tokens and args.capacity_bytes:
         raise PlanError("give --capacity-tokens or --capacity-bytes, not both")
     if args.capacity_tokens:
-        caps = _list(args.capacity_tokens, lambda x: parse_capacity(x, kv, "tokens"))
+        caps = arg("--capacity-tokens", lambda: _list(
+            args.capacity_tokens, lambda x: parse_capacity(x, kv, "tokens")))
     elif args.capacity_bytes:
-        caps = _list(args.capacity_bytes, lambda x: parse_capacity(x, kv, "bytes"))
-    hier = {n: _list(getattr(args, n), lambda x: parse_capacity(x, kv, "tokens"))
+        caps = arg("--capacity-bytes", lambda: _list(
+            args.capacity_bytes, lambda x: parse_capacity(x, kv, "bytes")))
+    hier = {n: arg(f"--{n}", lambda n=n: _list(getattr(args, n),
+                                                lambda x: parse_capacity(x, kv, "tokens")))
             for n in TIER_NAMES if getattr(args, n)}
-    configs = tier_configs(ttls, caps, hbm_ttl=parse_ttl(args.hbm_ttl), **hier)
+    hbm_ttl = arg("--hbm-ttl", lambda: parse_ttl(args.hbm_ttl))
+    size_ttl = arg("--size-ttl", lambda: parse_ttl(args.size_ttl)) if args.size_ttl else None
+    configs = tier_configs(ttls, caps, hbm_ttl=hbm_ttl, **hier)
     jobs = args.jobs or os.cpu_count() or 1
 
     t0 = time.perf_counter()
@@ -148,7 +161,7 @@ def _main(args: argparse.Namespace, say: Callable[..., None]) -> int:
         names = {args.target: "NVMe (whole cache)" if args.dram_target else "capacity"}
         if args.dram_target:
             names[args.dram_target] = "DRAM"
-        st = parse_ttl(args.size_ttl)
+        st = size_ttl
         t2 = time.perf_counter()
         base = next((r for r in results if len(r.tiers) == 1 and r.tiers[0].ttl_s == st
                      and math.isinf(r.tiers[0].capacity_tokens)), None)

@@ -58,6 +58,15 @@ except (ImportError, AttributeError):   # not built, or built before csrc/io/io_
 NATIVE_IO_MODES = ("auto", "threads", "off")
 _FORKED_ENGINES: list = []   # engines inherited through fork(): kept, never joined
 
+def _refuse_non_file(mode: int, path) -> None:
+    """A record path that holds no regular file: OSError, EISDIR for a directory
+    (else EINVAL), as the native reader reports it. Not a record fault: nothing
+    about a record is proven, and the path is left alone."""
+    if not stat.S_ISREG(mode):
+        err = errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL
+        raise OSError(err, os.strerror(err), str(path))
+
+
 @dataclass(frozen=True)
 class RecordInfo:
     key: bytes
@@ -345,13 +354,20 @@ class DiskStore:
     def _read_py(self, key: bytes, into, payload_len: int) -> None:
         want = record_bytes(payload_len)
         addr = _bytes_view(into, writable=True).ctypes.data
-        flags = os.O_RDONLY | (os.O_DIRECT if self._direct_ok(addr, want) else 0)
+        direct = self._direct_ok(addr, want)
+        path = self.path(key)
         try:
-            fd = os.open(self.path(key), flags)
+            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
         except FileNotFoundError:
-            raise RecordError("missing", self.path(key).name) from None
+            raise RecordError("missing", path.name) from None
+        except OSError as e:   # O_DIRECT refuses to open a directory: EINVAL
+            if e.errno == errno.EINVAL and direct:
+                _refuse_non_file(os.stat(path).st_mode, path)
+            raise
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            _refuse_non_file(st.st_mode, path)
+            size = st.st_size
             if size < want:
                 raise RecordError("truncated", f"{size} bytes < {want}")
             view = memoryview(into).cast("B")[:want]

@@ -75,8 +75,11 @@ def parse_header(buf) -> Header:
     if xxhash.xxh3_64_intdigest(head) != crc:
         raise RecordError("bad_header", "header checksum mismatch")
     magic, version, hbytes, ns, k, r, tp, plen, checksum, created = _HEADER.unpack(head)
-    if magic != MAGIC or version != FORMAT_VERSION or hbytes != HEADER_BYTES:
-        raise RecordError("bad_header", f"magic/version {magic!r}/{version}")
+    if magic != MAGIC or hbytes != HEADER_BYTES:
+        raise RecordError("bad_header", f"not a kvtier record (magic {magic!r}, header {hbytes})")
+    if version != FORMAT_VERSION:
+        raise RecordError("bad_header", f"record format version {version}: this kvtier reads "
+                          f"format version {FORMAT_VERSION} only")
     return Header(ns, k, r, tp, plen, checksum, created)
 
 

@@ -11,7 +11,6 @@ A block is all its ranks' records: gc removes them together.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import stat
@@ -21,6 +20,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvtier.cliargs import ArgumentParser, checked, number
 from kvtier.config import ConfigError, parse_size
 from kvtier.store.record import HEADER_BYTES, RecordError, parse_header
 
@@ -220,13 +220,15 @@ def cmd_gc(root: Path, ttl: float, max_bytes: float, dry_run: bool, as_json: boo
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="kvtier store", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="kvtier store", description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=("stats", "verify", "gc"))
     p.add_argument("path", type=Path)
     p.add_argument("--json", action="store_true")
     p.add_argument("--delete", action="store_true", help="verify: remove bad records")
-    p.add_argument("--ttl-seconds", type=float, default=float("inf"), help="gc: expiry")
-    p.add_argument("--max-bytes", default=None, help="gc: budget, e.g. 2TiB")
+    p.add_argument("--ttl-seconds", type=number(0, allow_inf=True), default=float("inf"),
+                   help="gc: expiry in seconds, or inf")
+    p.add_argument("--max-bytes", type=checked(lambda t: parse_size("max_bytes", t), ConfigError),
+                   default=float("inf"), help="gc: budget, e.g. 2TiB")
     p.add_argument("--dry-run", action="store_true", help="gc: only report")
     a = p.parse_args(argv)
     if not a.path.is_dir():
@@ -236,12 +238,7 @@ def main(argv: list[str]) -> int:
         return cmd_stats(a.path, a.json)
     if a.action == "verify":
         return cmd_verify(a.path, a.delete, a.json)
-    try:
-        budget = float("inf") if a.max_bytes is None else parse_size("--max-bytes", a.max_bytes)
-    except ConfigError as e:
-        print(f"kvtier store: {e}", file=sys.stderr)
-        return 2
-    return cmd_gc(a.path, a.ttl_seconds, budget, a.dry_run, a.json)
+    return cmd_gc(a.path, a.ttl_seconds, a.max_bytes, a.dry_run, a.json)
 
 
 if __name__ == "__main__":

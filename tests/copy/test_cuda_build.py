@@ -13,7 +13,8 @@ NVCC = shutil.which("nvcc") or (
     "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.cuda
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found (a CUDA toolkit)")
 def test_cuda_sources_compile():
     r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr

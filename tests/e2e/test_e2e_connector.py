@@ -15,7 +15,8 @@ import pytest
 
 from kvtier.serving import metric_value
 from tests.conftest import ROOT, needs_vllm
-from tests.helpers import FULL_BLOCK_TOKENS, cached, prompts, same_greedy, server, wait_records
+from tests.helpers import (BLOCKS_PER_PROMPT, FULL_BLOCK_TOKENS, RECORD_BYTES, cached, prompts,
+                           same_greedy, server, wait_records)
 
 pytestmark = [pytest.mark.e2e, needs_vllm]
 
@@ -63,11 +64,24 @@ def baseline_rounds(model_dir, tmp_path_factory):
     return run_rounds(model_dir, tmp / "out.json", {"connector": False})
 
 
-def test_reload_is_byte_exact(model_dir, tmp_path):
+# DRAM tiers: "dram" holds all six prompts (round 2 loads from DRAM slots only);
+# "disk" holds 80 records of the 138 blocks (RECORD_BYTES each), so round 2 reads
+# the first prompts' blocks back from their disk records.
+BYTECHECK_DRAM = {"dram": "64MiB", "disk": 80 * RECORD_BYTES}
+
+
+@pytest.mark.parametrize("tier", list(BYTECHECK_DRAM))
+def test_reload_is_byte_exact(model_dir, tmp_path, tier):
     doc = run_bytecheck(model_dir, tmp_path / "out.json", {
-        "extra": {"dram_bytes": "64MiB", "disk_path": str(tmp_path / "store")}})
-    assert doc["checked"]["mismatch"] == []
-    assert doc["checked"]["pages"] >= 6 * (FULL_BLOCK_TOKENS // 32) * 0.95
+        "extra": {"dram_bytes": BYTECHECK_DRAM[tier], "disk_path": str(tmp_path / "store")}})
+    checked = doc["checked"]
+    assert checked["mismatch"] == []
+    assert checked["pages"] >= 6 * BLOCKS_PER_PROMPT * 0.95
+    from_disk = checked["by_kind"].get("read", 0) + checked["by_kind"].get("stream", 0)
+    if tier == "disk":   # the compared pages include pages read from disk records
+        assert from_disk >= BLOCKS_PER_PROMPT, checked["by_kind"]
+    else:
+        assert from_disk == 0, checked["by_kind"]
     res = doc["results"]
     first = {r["prompt"]: r["output"] for r in res if r["round"] == 0}
     for r in (r for r in res if r["round"] == 1):

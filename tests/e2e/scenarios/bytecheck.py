@@ -6,7 +6,9 @@ Two rounds of the same prompts (as rounds.py) with kvtier's worker watched:
 when a block is queued for offload (right after the forward that computed it)
 its GPU page is copied aside, per KV cache group (the group's layers only);
 when kvtier has reloaded a block into a GPU page, that page must hold exactly
-those bytes. Writes the per-request results plus the comparison counts.
+those bytes. Writes the per-request results plus the comparison counts, also
+by how the load got the bytes ("by_kind": "slot" from a DRAM slot, "read" and
+"stream" from a disk record read for this load).
 """
 import json
 import os
@@ -21,11 +23,13 @@ def main():
     import torch
 
     import kvtier.vllm.worker as W
+    from kvtier.vllm.metadata import FROM_SLOT, READ, STREAM
 
+    kinds = {FROM_SLOT: "slot", READ: "read", STREAM: "stream"}
     kv: dict = {}
     group_layers: list = []
     at_store: dict = {}
-    checked = {"pages": 0, "by_group": {}, "mismatch": []}
+    checked = {"pages": 0, "by_group": {}, "by_kind": {}, "mismatch": []}
 
     def page(group, block):
         return torch.cat([kv[n][block].reshape(-1).view(torch.uint8).clone()
@@ -54,6 +58,8 @@ def main():
                 continue
             checked["pages"] += 1
             checked["by_group"][it.group] = checked["by_group"].get(it.group, 0) + 1
+            kind = kinds[it.kind]
+            checked["by_kind"][kind] = checked["by_kind"].get(kind, 0) + 1
             if not torch.equal(page(it.group, it.block), at_store[it.key]):
                 checked["mismatch"].append([load.job.req_id, it.key.hex(), it.group, it.block])
 

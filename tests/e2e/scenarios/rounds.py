@@ -3,6 +3,9 @@
 Usage: python rounds.py MODEL_DIR OUT.json '{"connector": true, "extra": {...}, ...}'
 Writes per-request cached tokens, greedy output ids, output logprobs and the
 prompt logprobs vLLM computes (of the tokens it did not take from a cache).
+With "metrics": true, OUT.json is {"results": [...], "metrics": [per round]}:
+kvtier's Prometheus series after each round, as vLLM's stat loggers recorded
+them in this process ({"name{label=value,...}": value}, vLLM's own labels left out).
 """
 import json
 import random
@@ -22,7 +25,8 @@ def main():
             kv_connector_extra_config={"load_policy": "always", **opts.get("extra", {})})
     llm = LLM(model=model, block_size=32, enforce_eager=True, max_model_len=1024,
               num_gpu_blocks_override=opts.get("gpu_blocks", 56), gpu_memory_utilization=0.2,
-              seed=0, tensor_parallel_size=opts.get("tp", 1), **opts.get("llm", {}), **kw)
+              seed=0, tensor_parallel_size=opts.get("tp", 1),
+              disable_log_stats=not opts.get("metrics", False), **opts.get("llm", {}), **kw)
     rng = random.Random(opts.get("seed", 0))
     n, length = opts.get("prompts", 6), opts.get("length", 750)
     prompts = [[rng.randrange(0, 256) for _ in range(length)] for _ in range(n)]
@@ -32,7 +36,7 @@ def main():
     # Whether vLLM kept its hybrid KV cache manager on (a connector without
     # SupportsHMA turns it off).
     hma = not llm.llm_engine.vllm_config.scheduler_config.disable_hybrid_kv_cache_manager
-    results = []
+    results, metrics = [], []
     for rnd in range(opts.get("rounds", 2)):
         if rnd == 1 and "corrupt" in opts:
             corrupt(model, opts, prompts)
@@ -51,8 +55,26 @@ def main():
                                                             for t, v in d.items()}
                                     for d in (o.prompt_logprobs or [])],
             })
+        if opts.get("metrics"):
+            metrics.append(kvtier_metrics())
     with open(out_path, "w") as f:
-        json.dump(results, f)
+        json.dump({"results": results, "metrics": metrics} if opts.get("metrics") else results,
+                  f)
+
+
+def kvtier_metrics() -> dict:
+    from prometheus_client import REGISTRY
+
+    out = {}
+    for m in REGISTRY.collect():
+        for s in m.samples if m.name.startswith("kvtier_") else ():
+            if s.name.endswith("_created"):
+                continue
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())
+                              if k not in ("model_name", "engine"))
+            key = f"{s.name}{{{labels}}}"
+            out[key] = out.get(key, 0) + s.value
+    return out
 
 
 def corrupt(model, opts, prompts):
