@@ -17,7 +17,7 @@
 #                            Unset: the configured indexes only; without the
 #                            build there, the script stops and says so.
 #   KVTIER_TEST_PACKAGES=1   also install the system packages that some tests use
-#                            (Prometheus: tests/test_observability.py); .ci/run sets it.
+#                            (Prometheus: tests/e2e/test_observability.py); .ci/run sets it.
 # System packages (root and apt-get; otherwise the script names what is missing):
 #   libxxhash-dev, pkg-config  build: the store's checksum (csrc/CMakeLists.txt)
 #   prometheus                 with KVTIER_TEST_PACKAGES=1

@@ -59,6 +59,9 @@ def _default_dram_bytes() -> int:
     return min(total // 10, 64 << 30)
 
 
+DISK_ADMISSIONS = ("write_through", "second_use", "on_dram_evict")   # kvtier.cache.admission
+
+
 @dataclass(frozen=True)
 class KVTierConfig:
     """kvtier's settings. Field docs double as the operator reference."""
@@ -91,6 +94,9 @@ class KVTierConfig:
     """Shortest external hit (in blocks) worth a load."""
     load_policy: str = "auto"
     """auto | always: auto declines a load when recompute is measured faster."""
+    disk_admission: str = "write_through"
+    """write_through | second_use | on_dram_evict: which blocks get a disk record,
+    and when (kvtier.cache.admission; docs/operators.md)."""
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> "KVTierConfig":
@@ -136,7 +142,8 @@ class KVTierConfig:
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                     raise ConfigError(f"kvtier config {key!r}: expected an integer >= 1, got {v!r}")
                 vals[key] = v
-        for key, choices in (("o_direct", ("auto", "on", "off")), ("load_policy", ("auto", "always"))):
+        for key, choices in (("o_direct", ("auto", "on", "off")), ("load_policy", ("auto", "always")),
+                             ("disk_admission", DISK_ADMISSIONS)):
             if key in extra:
                 v = extra[key]
                 if v not in choices:

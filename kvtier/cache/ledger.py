@@ -390,6 +390,21 @@ class Ledger:
         out, self._changes = self._changes, []
         return out
 
+    def dirty_lru(self, window: int, now: float) -> list[bytes]:
+        """Keys of READY DRAM blocks among the ``window`` next in line for eviction
+        (LRU first; free slots are taken before anything is evicted) that have no
+        disk record and may get one: write-back's due list."""
+        window -= len(self._free_slots)
+        out = []
+        for n, (key, entry) in enumerate(self.dram._entries.items()):
+            if n >= window:
+                break
+            block = entry.value
+            if block.state is State.READY and not self.dram.expired(entry, now) \
+                    and self.writable(key):
+                out.append(key)
+        return out
+
     def take_removals(self) -> list[bytes]:
         """Keys whose records the sweeper must remove (then call ``removed``)."""
         out, self._removals = self._removals, []

@@ -42,6 +42,7 @@ class Entry:
 class TierStats:
     hits: int = 0
     inserts: int = 0
+    inserted: float = 0     # the sizes inserted, summed
     evictions: dict[str, int] = field(default_factory=lambda: {EVICT_CAPACITY: 0, EVICT_TTL: 0,
                                                                EVICT_DROPPED: 0})
     rejected: int = 0       # inserts refused: no room that could be freed
@@ -176,6 +177,7 @@ class Tier:
         self._entries[key] = entry
         self.used += size
         self.stats.inserts += 1
+        self.stats.inserted += size
         return entry
 
     def discard(self, key: Hashable, cause: str = EVICT_DROPPED) -> None:

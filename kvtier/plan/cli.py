@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 
+from kvtier.cache.admission import POLICIES
 from kvtier.cliargs import ArgumentParser, integer, number
 from kvtier.plan.plots import plot_sizing, plot_sweep, plot_timeline
 from kvtier.plan.replay import ReplayResult, TierSpec, _label, replay, replay_many, tier_configs
@@ -51,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{n}", default=None,
                        help=f"hierarchy mode: {what} capacity, comma list; plain numbers "
                             "are tokens, sizes with a unit (64GiB) bytes")
+    p.add_argument("--disk-admission", default=None, metavar="POLICIES",
+                   help="hierarchy mode: which blocks the last tier (the disk) is written, "
+                        f"comma list of {', '.join(POLICIES)} (kvtier's disk_admission); "
+                        "default: every tier holds every block")
     p.add_argument("--hbm-ttl", default="inf", help="TTL of the HBM tier [inf]")
     p.add_argument("--kv-bytes-per-token", type=integer(1), default=None,
                    help="KV-cache bytes per token (e.g. 131072 for Llama-3-8B in bf16)")
@@ -125,7 +130,9 @@ def _main(args: argparse.Namespace, say: Callable[..., None]) -> int:
             for n in TIER_NAMES if getattr(args, n)}
     hbm_ttl = arg("--hbm-ttl", lambda: parse_ttl(args.hbm_ttl))
     size_ttl = arg("--size-ttl", lambda: parse_ttl(args.size_ttl)) if args.size_ttl else None
-    configs = tier_configs(ttls, caps, hbm_ttl=hbm_ttl, **hier)
+    admissions = arg("--disk-admission", lambda: _list(args.disk_admission, _policy)) \
+        if args.disk_admission else ()
+    configs = tier_configs(ttls, caps, hbm_ttl=hbm_ttl, admissions=admissions, **hier)
     jobs = args.jobs or os.cpu_count() or 1
 
     t0 = time.perf_counter()
@@ -204,3 +211,10 @@ def _main(args: argparse.Namespace, say: Callable[..., None]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _policy(text: str) -> str:
+    text = text.strip()
+    if text not in POLICIES:
+        raise PlanError(f"{text!r} is not a disk admission policy ({', '.join(POLICIES)})")
+    return text

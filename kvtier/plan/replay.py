@@ -15,6 +15,7 @@ from operator import is_, is_not
 from typing import Callable, Sequence
 
 
+from kvtier.cache.admission import DiskAdmission
 from kvtier.cache.tier import EVICT_CAPACITY, EVICT_TTL, Tier
 from kvtier.plan.traces import TIER_NAMES, PlanError, Trace
 from kvtier.plan.units import fmt_tokens, fmt_ttl
@@ -26,6 +27,9 @@ class TierSpec:
     name: str
     capacity_tokens: float = math.inf
     ttl_s: float = math.inf
+    # The last tier of a hierarchy (the disk): which blocks it is written
+    # (kvtier.cache.admission); None: every tier holds every block (inclusive).
+    admission: str | None = None
 
 
 @dataclass
@@ -69,6 +73,12 @@ class ReplayResult:
     replay_s: float
     cpu_s: float = 0.0
     timeline: Timeline | None = None
+    written_tokens: int = 0    # tokens written into the last tier (disk writes)
+
+    @property
+    def written_per_hit_token(self) -> float:
+        """Disk (last tier) tokens written per hit token: bytes written per byte served."""
+        return self.written_tokens / self.hit_tokens if self.hit_tokens else math.inf
 
     @property
     def hit_rate(self) -> float:
@@ -107,6 +117,22 @@ def replay(trace: Trace, tiers: Sequence[TierSpec], *, sample_interval_s: float 
     t0 = time.perf_counter()
     c0 = time.process_time()
     objs = [Tier(s.name, s.capacity_tokens, s.ttl_s) for s in tiers]
+    written = [0]
+    adm = None
+    if len(objs) >= 2 and tiers[-1].admission is not None:
+        adm = DiskAdmission(tiers[-1].admission, tiers[-1].ttl_s)
+        disk, above = objs[-1], objs[-2]
+        adds_above = [o.add for o in objs[:-1]]
+        clock = [0.0]
+
+        def write(key, size: int, t: float) -> None:
+            if disk.add(key, size, t) is not None:
+                written[0] += size
+
+        def evicted(key, entry, cause: str) -> None:   # DRAM lets a block go
+            if adm.at_dram_evict(cause == EVICT_TTL) and disk.live(key, clock[0]) is None:
+                write(key, entry.size, clock[0])
+        above._on_evict = evicted
     names = [s.name for s in tiers]
     gets = [o.get for o in objs]
     adds = [o.add for o in objs]
@@ -141,11 +167,32 @@ def replay(trace: Trace, tiers: Sequence[TierSpec], *, sample_interval_s: float 
         if lt != bt and keys:
             sizes = [bt] * len(keys)
             sizes[0] = lt
+        if adm is not None:
+            complete_admitted(t_end, keys, sizes)
+            return
         for j, add in enumerate(adds):
             consume(map(add, keys, repeat(bt) if sizes is None else sizes, repeat(t_end)))
             u = objs[j].used
             if u > peak[j]:
                 peak[j] = u
+
+    def complete_admitted(t_end: float, keys: list[int], sizes: list[int] | None) -> None:
+        """As kvtier's scheduler stores a finished request's blocks: every tier
+        above the disk holds them; the disk is refreshed where it has a block and
+        written where the admission policy says so."""
+        clock[0] = t_end
+        for n, key in enumerate(keys):
+            size = bt if sizes is None else sizes[n]
+            in_above = above.live(key, t_end) is not None
+            for add in adds_above:
+                add(key, size, t_end)
+            if disk.live(key, t_end) is not None:
+                disk.add(key, size, t_end)
+            elif adm.at_hit(key, t_end) if in_above else adm.at_store(key, t_end):
+                write(key, size, t_end)
+        for j, o in enumerate(objs):
+            if o.used > peak[j]:
+                peak[j] = o.used
 
     def sample_until(t_now: float) -> None:
         nonlocal next_sample, win_hit, win_in
@@ -215,7 +262,8 @@ def replay(trace: Trace, tiers: Sequence[TierSpec], *, sample_interval_s: float 
         peak_used_tokens=dict(zip(names, peak)),
         evictions={o.name: {EVICT_CAPACITY: o.stats.evictions[EVICT_CAPACITY],
                             EVICT_TTL: o.stats.evictions[EVICT_TTL]} for o in objs},
-        replay_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, timeline=timeline)
+        replay_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, timeline=timeline,
+        written_tokens=written[0] if adm is not None else objs[-1].stats.inserted)
 
 
 def _lookup_multi(gets: list, keys: list[int], t: float) -> tuple[int, list[int], int]:
@@ -243,14 +291,19 @@ def _lookup_multi(gets: list, keys: list[int], t: float) -> tuple[int, list[int]
 def tier_configs(ttls: Sequence[float], capacities: Sequence[float] | None = None, *,
                  hbm: Sequence[float] | None = None, dram: Sequence[float] | None = None,
                  nvme: Sequence[float] | None = None,
-                 hbm_ttl: float = math.inf) -> list[list[TierSpec]]:
+                 hbm_ttl: float = math.inf,
+                 admissions: Sequence[str] = ()) -> list[list[TierSpec]]:
     """The grid to replay: ``ttls`` x ``capacities`` (one tier, "cache"), or
     ``ttls`` x hbm x dram x nvme (a hierarchy; the TTL applies to DRAM and NVMe, HBM --
-    vLLM's GPU prefix cache -- uses ``hbm_ttl``)."""
+    vLLM's GPU prefix cache -- uses ``hbm_ttl``); each hierarchy once per disk
+    admission policy in ``admissions`` (for its last tier)."""
     levels = [(n, v) for n, v in zip(TIER_NAMES, (hbm, dram, nvme)) if v]
     if levels and capacities:
         raise PlanError("give either one tier's capacities (--capacity-tokens/--capacity-bytes)"
                         " or a hierarchy (--hbm/--dram/--nvme), not both")
+    if admissions and len(levels) < 2:
+        raise PlanError("--disk-admission needs a hierarchy (e.g. --dram and --nvme): "
+                        "it decides what the last tier is written")
     out: list[list[TierSpec]] = []
     for ttl in ttls:
         if not levels:
@@ -261,7 +314,10 @@ def tier_configs(ttls: Sequence[float], capacities: Sequence[float] | None = Non
         for name, caps in levels:
             t = hbm_ttl if name == "hbm" else ttl
             grid = [g + [TierSpec(name, c, t)] for g in grid for c in caps]
-        out.extend(grid)
+        for g in grid:
+            for a in admissions or [None]:
+                out.append(g[:-1] + [TierSpec(g[-1].name, g[-1].capacity_tokens,
+                                              g[-1].ttl_s, a)])
     return out
 
 
@@ -311,7 +367,8 @@ def replay_many(trace: Trace, configs: Sequence[Sequence[TierSpec]], *, jobs: in
 
 
 def _label(tiers: Sequence[TierSpec]) -> str:
-    return " ".join(f"{s.name}={fmt_tokens(s.capacity_tokens)}@{fmt_ttl(s.ttl_s)}" for s in tiers)
+    return " ".join(f"{s.name}={fmt_tokens(s.capacity_tokens)}@{fmt_ttl(s.ttl_s)}"
+                    + (f"[{s.admission}]" if s.admission else "") for s in tiers)
 
 
 class _StderrProgress:

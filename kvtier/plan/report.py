@@ -15,13 +15,17 @@ def table(rows: Sequence[dict[str, Any]], kv_bytes: int | None = None) -> str:
         return ""
     names = [t["name"] for t in rows[0]["tiers"]]
     multi = len(names) > 1
-    head = ["TTL"] + ([f"{n}" for n in names] if multi else ["capacity"]) + ["hit rate"]
+    admitted = any(r.get("disk_admission") for r in rows)
+    head = (["TTL"] + (["disk admission"] if admitted else [])
+            + ([f"{n}" for n in names] if multi else ["capacity"]) + ["hit rate"])
     if multi:
         head += [f"from {n}" for n in names]
+    head += [f"{names[-1]} writes/hit"]
     head += ["prefills/block", "peak working set"]
     body = []
     for r in rows:
-        cells = [fmt_ttl(r["ttl_s"])]
+        cells = [fmt_ttl(r["ttl_s"])] + ([r.get("disk_admission") or "inclusive"] if admitted
+                                         else [])
         for t in r["tiers"]:
             c = t["capacity_tokens"]
             txt = fmt_tokens(c)
@@ -31,6 +35,8 @@ def table(rows: Sequence[dict[str, Any]], kv_bytes: int | None = None) -> str:
         cells.append(f"{r['hit_rate']:.3f}")
         if multi:
             cells += [f"{r['hit_rate_by_tier'][n]:.3f}" for n in names]
+        w = r.get("written_per_hit_token")
+        cells.append("-" if w is None else f"{w:.3f}")
         cells.append(f"{r['prefills_per_block']:.2f}")
         ws = fmt_tokens(r["peak_working_set_tokens"]) + " tok"
         if kv_bytes:

@@ -36,7 +36,11 @@ def row(res: ReplayResult, kv_bytes_per_token: int | None = None) -> dict[str, A
         "ttl_s": _none_if_inf(last.ttl_s),
         "capacity_tokens": _none_if_inf(last.capacity_tokens),
         "tiers": [{"name": s.name, "capacity_tokens": _none_if_inf(s.capacity_tokens),
-                   "ttl_s": _none_if_inf(s.ttl_s)} for s in res.tiers],
+                   "ttl_s": _none_if_inf(s.ttl_s), "admission": s.admission}
+                  for s in res.tiers],
+        "disk_admission": last.admission,
+        "written_tokens": res.written_tokens,
+        "written_per_hit_token": _none_if_inf(res.written_per_hit_token),
         "hit_rate": res.hit_rate,
         "hit_rate_by_tier": res.hit_rate_by_tier,
         "prefills_per_block": res.prefills_per_block,
@@ -56,6 +60,7 @@ def row(res: ReplayResult, kv_bytes_per_token: int | None = None) -> dict[str, A
         out["capacity_bytes"] = (None if math.isinf(last.capacity_tokens)
                                  else int(last.capacity_tokens * kv_bytes_per_token))
         out["peak_working_set_bytes"] = int(peak * kv_bytes_per_token)
+        out["written_bytes"] = int(res.written_tokens * kv_bytes_per_token)
     return out
 
 

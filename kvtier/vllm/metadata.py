@@ -39,9 +39,12 @@ READ = 1        # read the record into the slot (a staging block), then scatter
 STREAM = 2      # read into a scratch slot of the job, scatter, reuse the slot
 
 
+WRITE_ONLY = -1    # StoreItem.block: the slot already holds the block; only write it
+
+
 class StoreItem(NamedTuple):
     key: bytes
-    block: int      # GPU block id (source)
+    block: int      # GPU block id (source); WRITE_ONLY: no copy, the slot is READY
     slot: int       # DRAM slot (destination)
     to_disk: bool   # write the slot through to the disk tier afterwards
     group: int = 0  # KV cache group (kvtier.cache.groups): which layers

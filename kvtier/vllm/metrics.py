@@ -54,12 +54,6 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                     "(removed)", ()),
     "kvtier_declined_loads_total": ("counter", "Hits declined because recompute was faster",
                                     ("tier",)),
-    "kvtier_streamed_blocks_total": ("counter", "Disk-hit blocks loaded through a load's "
-                                     "scratch slots (no DRAM slot kept for them)", ()),
-    "kvtier_deferred_lookups_total": ("counter", "Lookups with a disk hit put off to a later "
-                                      "step for want of a free DRAM slot", ()),
-    "kvtier_orphan_records_total": ("counter", "Records found at start-up that not every TP "
-                                    "rank holds (removed)", ()),
     "kvtier_occupancy_bytes": ("gauge", "Bytes held by a tier", ("tier",)),
     "kvtier_capacity_bytes": ("gauge", "Capacity of a tier", ("tier",)),
     "kvtier_blocks": ("gauge", "Blocks held by a tier", ("tier",)),

@@ -35,13 +35,14 @@ from typing import TYPE_CHECKING, Callable
 
 from kvtier.config import KVTierConfig
 from kvtier.cache.groups import FULL, NULL_BLOCK, KVGroup, group_key
+from kvtier.cache.admission import DiskAdmission
 from kvtier.cache.cost import LoadCostModel
 from kvtier.cache.keys import KeyChain, root_key
 from kvtier.cache.hits import DISK, DRAM, Hit, HitSearch
 from kvtier.cache.ledger import Block, Ledger, State
 from kvtier.cache.retention import Retention, retention_of
-from kvtier.vllm.metadata import (FROM_SLOT, NO_SLOT, READ, STREAM, KVTierMetadata, KVTierWorkerMeta,
-                             LoadItem, LoadJob, StoreItem, StoreJob)
+from kvtier.vllm.metadata import (FROM_SLOT, NO_SLOT, READ, STREAM, WRITE_ONLY, KVTierMetadata,
+                                  KVTierWorkerMeta, LoadItem, LoadJob, StoreItem, StoreJob)
 from kvtier.vllm.metrics import CHECKSUM_REASONS, StatsRecorder
 from kvtier.store.slots import SlotGeometry
 from kvtier.store.disk import DiskStore
@@ -183,6 +184,12 @@ class KVTierScheduler:
         self._stages: dict[bytes, Pending] = {}
         self._staging = 0
         self._next_job = 0
+        # Which blocks get a disk record, and when (cfg.disk_admission). Blocks in
+        # DRAM that the policy wants written after all (a second use; DRAM about to
+        # evict them) are written from their slot: ``_write_back``.
+        self.admission = DiskAdmission(cfg.disk_admission, cfg.ttl_seconds,
+                                       remember=4 * max(1, disk_budget // self.record_size))
+        self._write_backs: list[bytes] = []
         # vLLM hashes every block of a request anyway (its own prefix cache). Where
         # that hash is collision-resistant (sha256: memo_keys), a block vLLM hashed
         # the same as one seen before has the same kvtier key: the chain of a
@@ -463,15 +470,21 @@ class KVTierScheduler:
             out[DISK] = out.get(DISK, 0) + left
         return out
 
-    def _use(self, key: bytes, now: float, st: ReqState | None = None) -> bool:
+    def _use(self, key: bytes, now: float, st: ReqState | None = None,
+             again: bool = True) -> bool:
         """A use of ``key`` by request ``st``: LRU and TTL refreshed in every tier
         (at least the TTL the request asked for; kept if it pins), and the record's
-        mtime (its last use after a restart) when it is due; False if no tier has it."""
+        mtime (its last use after a restart) when it is due; False if no tier has it.
+        ``again``: a new use (a hit, another request storing it), not the refresh
+        at the end of the request that stored it: the disk admission counts it."""
         ttl = st.retention.ttl if st is not None else 0.0
         present = self.ledger.touch(key, now, ttl)
         if present and st is not None and st.retention.pin:
             self._keep(key, now, st)
         block = self.ledger.disk_block(key, now) if present else None
+        if again and present and block is None and self.ledger.disk is not None \
+                and self.admission.at_hit(key, now):
+            self._write_backs.append(key)
         if block is not None and block.state is State.READY and self.ledger.touch_due(block, now):
             self.sweeper.touch(key, now)
         return present
@@ -502,8 +515,45 @@ class KVTierScheduler:
                 self._plan_stores(meta, req_id, cached.new_block_ids[i],
                                   req_id in cached.resumed_req_ids,
                                   cached.num_computed_tokens[i], so, now)
+            if self.ledger.disk is not None:
+                if self.admission.writes_back:
+                    self._write_backs += self.ledger.dirty_lru(self._write_back_window(), now)
+                self._write_back(meta, now)
             self._flush_removals()
             return meta
+
+    def _write_back_window(self) -> int:
+        """on_dram_evict: DRAM blocks this near eviction are written before it
+        comes (the LRU's oldest eighth, and at least what a step may store)."""
+        return max(8, self.ledger.num_slots // 8)
+
+    def _write_back(self, meta: KVTierMetadata, now: float) -> None:
+        """Write READY DRAM blocks without a record from their slots (no GPU copy):
+        a second use (second_use) or DRAM about to evict them (on_dram_evict). At
+        most as many as the workers' write queues take; the rest wait a step."""
+        keys, self._write_backs = self._write_backs, []
+        room = self.cfg.io_threads * 8 - len(self._writes)
+        items: list[StoreItem] = []
+        for key in dict.fromkeys(keys):
+            dram = self.ledger.dram_block(key, now)
+            if dram is None or dram.state is not State.READY or not self.ledger.writable(key):
+                continue
+            if room <= 0:
+                self._write_backs.append(key)
+                continue
+            disk, reuse = self.ledger.begin_write(key, now)
+            if disk is None:
+                self.stats.inc("kvtier_skipped_stores_total", reason="disk_full")
+                continue
+            room -= 1
+            disk.ext = dram.ext
+            self._writes[key] = Pending([disk], readers=[self.ledger.pin(dram)])
+            items.append(StoreItem(key, WRITE_ONLY, dram.slot, True, 0, reuse))
+        if items:
+            job = self._next_job
+            self._next_job += 1
+            self._store_jobs[job] = Pending([])
+            meta.stores.append(StoreJob(job, "", items))
 
     def _plan_stores(self, meta: KVTierMetadata, req_id: str, new_block_ids, replace: bool,
                      num_computed: int, so, now: float) -> None:
@@ -546,7 +596,7 @@ class KVTierScheduler:
                 dram.ext = ext
                 fills.append(dram)
                 to_disk, reuse = False, None
-                if self.ledger.disk is not None:
+                if self.ledger.disk is not None and self.admission.at_store(key, now):
                     disk, reuse = self.ledger.begin_write(key, now, ttl)
                     to_disk = disk is not None
                     if to_disk:   # the write reads the slot
@@ -619,7 +669,7 @@ class KVTierScheduler:
             ok = p.res.failed == 0
             for block in p.blocks:
                 L.end_store(block, ok)
-            if ok:
+            if ok and p.blocks:
                 self.stats.inc("kvtier_stored_blocks_total", len(p.blocks), tier=DRAM)
                 self.stats.inc("kvtier_stored_bytes_total", len(p.blocks) * self.record_size,
                                tier=DRAM)
@@ -691,7 +741,7 @@ class KVTierScheduler:
             now = self.clock()
             for key in reversed(st.chain.keys[:st.handled_blocks]):
                 for g in reversed(self.groups):
-                    self._use(group_key(key, g.index), now, st)
+                    self._use(group_key(key, g.index), now, st, again=False)
             report = self._report(st)
             if st.load is not None:
                 # Aborted while its load is in flight: vLLM frees the blocks when the

@@ -63,13 +63,17 @@ import xxhash
 from kvtier.config import KVTierConfig
 from kvtier.copy.engine import HostPool, KVLayout
 from kvtier.copy.choose import make_copy_engine
-from kvtier.vllm.metadata import (FROM_SLOT, NO_SLOT, READ, STREAM, KVTierMetadata, KVTierWorkerMeta,
-                             LoadJob, StoreItem, StoreJob)
+from kvtier.vllm.metadata import (FROM_SLOT, NO_SLOT, READ, STREAM, WRITE_ONLY, KVTierMetadata,
+                                  KVTierWorkerMeta, LoadJob, StoreItem, StoreJob)
 from kvtier.store.slots import SlotGeometry
 from kvtier.store.disk import DiskStore
 from kvtier.store.record import HEADER_BYTES, RECORD_FAULTS, RecordError, pack_header
 
 log = logging.getLogger("vllm.kvtier.worker")
+
+
+class _SlotMismatch(Exception):
+    """A write's slot does not hold its block on this rank."""
 
 DISK_BACKOFF_S = 5.0   # after ENOSPC/EIO, skip writes this long (backpressure)
 WRITE_QUEUE_PER_THREAD = 64
@@ -197,7 +201,8 @@ class KVTierWorker:
             for job in meta.stores:
                 self._req_copies[job.req_id] = self._req_copies.get(job.req_id, 0) + 1
                 for it in job.items:
-                    self._slot_key[it.slot] = None   # being overwritten
+                    if it.block != WRITE_ONLY:
+                        self._slot_key[it.slot] = None   # being overwritten
             self._queued_gathers += len(meta.stores)
         for job in meta.stores:
             self._copy_q.put(lambda job=job: self._run_store(job, fence))
@@ -281,24 +286,25 @@ class KVTierWorker:
     # -- stores --------------------------------------------------------------
     def _run_store(self, job: StoreJob, fence) -> None:
         ok = True
+        copies = [it for it in job.items if it.block != WRITE_ONLY]
         try:
-            for group, items in by_group(job.items):
+            for group, items in by_group(copies):
                 self.engines[group].gather([it.block for it in items], [it.slot for it in items],
                                            after=fence)
         except Exception:
-            log.exception("kvtier: gather failed; dropping %d blocks", len(job.items))
+            log.exception("kvtier: gather failed; dropping %d blocks", len(copies))
             ok = False
         writes = [it for it in job.items if it.to_disk]
         with self._gathers_idle:
             self._queued_gathers -= 1
             self._copy_done(job.req_id)
             if ok:
-                for it in job.items:
+                for it in copies:
                     self._slot_key[it.slot] = it.key
                 self._count(self._out.stored, job.job_id)
             else:
                 self._count(self._out.store_failed, job.job_id)
-                self._count(self._out.fail_reasons, "gather", len(job.items))
+                self._count(self._out.fail_reasons, "gather", len(copies))
             # Writes are counted in flight before the gather is seen done (idle()).
             busy = (self._pending_writes + len(writes)
                     > self.cfg.io_threads * WRITE_QUEUE_PER_THREAD)
@@ -332,6 +338,9 @@ class KVTierWorker:
         plen = self.geometry.payload_bytes
         ok = False
         try:
+            if self._slot_key[it.slot] != it.key:   # never write bytes of another block
+                raise _SlotMismatch(f"slot {it.slot} does not hold block {it.key.hex()} "
+                                    f"on rank {self.rank}: not written")
             checksum = xxhash.xxh3_64_intdigest(rec[HEADER_BYTES:HEADER_BYTES + plen])
             pack_header(rec, self.namespace, it.key, self.rank, self.tp_size, plen, checksum)
             self.store.write(it.key, rec[:self.geometry.record_bytes], reuse=it.reuse)
@@ -342,6 +351,8 @@ class KVTierWorker:
             with self._lock:
                 self._disk_backoff_until = time.monotonic() + DISK_BACKOFF_S
                 self._count(self._out.fail_reasons, "write_error")
+        except _SlotMismatch as e:
+            log.warning("kvtier: %s", e)
         except Exception:
             log.exception("kvtier: disk write failed")
         if not ok and it.reuse is not None:

@@ -239,6 +239,49 @@ def test_hierarchy_partial_last_block_attribution(tmp_path):
     assert res.hit_tokens_by_tier == {"hbm": 0, "dram": 4, "nvme": 6}
 
 
+def test_disk_admission_in_the_replay(tmp_path):
+    """The disk (last tier) is written per kvtier's disk_admission: blocks, in
+    block-tokens (4 per block here), counted as they are written."""
+    tr = trace_of(tmp_path, [{"t": 0, "hash_ids": [1, 2]},      # new: 1, 2
+                             {"t": 1, "hash_ids": [3, 4]},      # new: 3, 4 (DRAM: 1-4)
+                             {"t": 2, "hash_ids": [1, 2, 5]},   # 1, 2 again; 5 new: 3 out
+                             {"t": 3, "hash_ids": [3, 4]}])     # 3 from the disk, if it has it
+
+    def run(policy, dram=16):
+        return plan.replay(tr, [TierSpec("dram", dram), TierSpec("nvme", 100, admission=policy)])
+    wt, su, ev = run("write_through"), run("second_use"), run("on_dram_evict")
+    assert wt.written_tokens == 5 * 4 and wt.hit_tokens == 8 + 8
+    # second use: 1 and 2 (hit at t=2); 3 and 4 missed at t=3 (evicted from DRAM,
+    # never written), stored again: their second use, written then
+    assert su.written_tokens == 4 * 4 and su.hit_tokens == 8 + 4
+    # write-back: a block is written as DRAM evicts it. DRAM (4 blocks) holds
+    # 2 1 4 3 (LRU first) after t=1; t=2 stores 5 2 1 (last block first): 5
+    # evicts 2, 2 evicts 1, 1 evicts 4 (three written); t=3 serves 3 from DRAM
+    # and 4 from the disk, then stores 4 3: 4 evicts 3, 3 evicts 5 (two more)
+    assert ev.written_tokens == 5 * 4 and ev.hit_tokens == 8 + 8
+    assert ev.written_per_hit_token == pytest.approx(20 / 16)
+    # DRAM that holds everything: write-back writes nothing
+    assert run("on_dram_evict", dram=100).written_tokens == 0
+    # without an admission policy the hierarchy is inclusive (every block, every tier)
+    assert plan.replay(tr, [TierSpec("dram", 16), TierSpec("nvme", 100)]).written_tokens == 20
+
+
+def test_cli_disk_admission(tmp_path, capsys):
+    f = write_jsonl(tmp_path / "t.jsonl", [{"t": 0, "hash_ids": [1, 2]},
+                                           {"t": 1, "hash_ids": [1, 2, 3]}])
+    assert plan.main([str(f), "--format", "jsonl", "--block-tokens", "4", "--dram", "100",
+                      "--ttl", "1h", "--nvme", "inf", "--disk-admission", "write_through, on_dram_evict",
+                      "--json", "-q"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["disk_admission"] for r in rows] == ["write_through", "on_dram_evict"]
+    assert rows[0]["written_tokens"] == 12 and rows[1]["written_tokens"] == 0   # DRAM holds all
+    assert plan.main([str(f), "--format", "jsonl", "--disk-admission", "second_use", "-q"]) == 2
+    assert "needs a hierarchy" in capsys.readouterr().err
+    assert plan.main([str(f), "--format", "jsonl", "--dram", "8", "--nvme", "inf",
+                      "--disk-admission", "lazy", "-q"]) == 2
+    assert "argument --disk-admission" in capsys.readouterr().err
+
+
 def test_hierarchy_ttls_and_configs():
     cfgs = plan.tier_configs([60, math.inf], dram=[10, 20], nvme=[100])
     assert len(cfgs) == 4

@@ -36,6 +36,8 @@ PREFIXES = [list(range(p * 1000, p * 1000 + 6 * BS)) for p in range(3)]
 
 
 class Lifecycle(RuleBasedStateMachine):
+    admission = "write_through"
+
     def __init__(self):
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="kvtier-model-")
@@ -44,6 +46,7 @@ class Lifecycle(RuleBasedStateMachine):
         self.engine = MiniEngine(self.dir, tp=2, pages=40, slots=12, disk_records=24, ttl=600,
                                  max_pinned_bytes=8 * record,
                                  max_pinned_bytes_per_tenant=4 * record,
+                                 disk_admission=self.admission,
                                  io_threads=int(__import__("os").environ.get("KVTIER_MODEL_IO", "1")))
         self.n = 0
 
@@ -138,3 +141,21 @@ TestLifecycle = Lifecycle.TestCase
 TestLifecycle.settings = settings(max_examples=int(__import__("os").environ.get(
     "KVTIER_MODEL_EXAMPLES", "60")), stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+class LifecycleSecondUse(Lifecycle):
+    admission = "second_use"
+
+
+class LifecycleWriteBack(Lifecycle):
+    admission = "on_dram_evict"
+
+
+# The two other disk admissions (records written from DRAM slots): fewer examples.
+for _machine in (LifecycleSecondUse, LifecycleWriteBack):
+    _case = _machine.TestCase
+    _case.settings = settings(TestLifecycle.settings, max_examples=int(__import__("os").environ.get(
+        "KVTIER_MODEL_EXAMPLES", "60")) // 2)
+TestLifecycleSecondUse = LifecycleSecondUse.TestCase
+TestLifecycleWriteBack = LifecycleWriteBack.TestCase
+del _case, _machine
