@@ -126,7 +126,7 @@ def replay(trace: Trace, tiers: Sequence[TierSpec], *, sample_interval_s: float 
         clock = [0.0]
 
         def write(key, size: int, t: float) -> None:
-            if disk.add(key, size, t) is not None:
+            if disk.add(key, size, t, ttl=ttl_now[0]) is not None:
                 written[0] += size
 
         def evicted(key, entry, cause: str) -> None:   # DRAM lets a block go
@@ -146,12 +146,16 @@ def replay(trace: Trace, tiers: Sequence[TierSpec], *, sample_interval_s: float 
     off = trace.offsets.tolist()
     keys_np = trace.keys
     n_req = len(arrival)
+    req_ttl = trace.ttl.tolist() if trace.ttl is not None else None
+    # a request's TTL applies to kvtier's tiers, not to vLLM's GPU cache
+    kv_tier = [s.name != "hbm" for s in tiers]
 
     hit_tokens = 0
     hit_by_tier = [0] * len(objs)
     prefilled = 0
     peak = [0.0] * len(objs)
     pending: list[tuple[float, int, list[int], int]] = []   # (end, i, keys, last)
+    ttl_now = [0.0]   # the TTL the request being completed asked for
     consume = deque(maxlen=0).extend
 
     timeline = None
@@ -170,7 +174,12 @@ def replay(trace: Trace, tiers: Sequence[TierSpec], *, sample_interval_s: float 
         if adm is not None:
             complete_admitted(t_end, keys, sizes)
             return
+        ttl = ttl_now[0]
         for j, add in enumerate(adds):
+            if ttl and kv_tier[j]:
+                consume(map(add, keys, repeat(bt) if sizes is None else sizes, repeat(t_end),
+                            repeat(None), repeat(False), repeat(True), repeat(ttl)))
+                continue
             consume(map(add, keys, repeat(bt) if sizes is None else sizes, repeat(t_end)))
             u = objs[j].used
             if u > peak[j]:
@@ -181,13 +190,14 @@ def replay(trace: Trace, tiers: Sequence[TierSpec], *, sample_interval_s: float 
         above the disk holds them; the disk is refreshed where it has a block and
         written where the admission policy says so."""
         clock[0] = t_end
+        ttl = ttl_now[0]
         for n, key in enumerate(keys):
             size = bt if sizes is None else sizes[n]
             in_above = above.live(key, t_end) is not None
-            for add in adds_above:
-                add(key, size, t_end)
+            for j, add in enumerate(adds_above):
+                add(key, size, t_end, ttl=ttl if kv_tier[j] else 0.0)
             if disk.live(key, t_end) is not None:
-                disk.add(key, size, t_end)
+                disk.add(key, size, t_end, ttl=ttl)
             elif adm.at_hit(key, t_end) if in_above else adm.at_store(key, t_end):
                 write(key, size, t_end)
         for j, o in enumerate(objs):
@@ -210,9 +220,10 @@ def replay(trace: Trace, tiers: Sequence[TierSpec], *, sample_interval_s: float 
     for i in range(n_req):
         t = arrival[i]
         while pending and pending[0][0] <= t:
-            e, _, ks, lt = heapq.heappop(pending)
+            e, j, ks, lt = heapq.heappop(pending)
             if timeline is not None:
                 sample_until(e)
+            ttl_now[0] = req_ttl[j] if req_ttl is not None else 0.0
             complete(e, ks, lt)
         if timeline is not None:
             sample_until(t)
@@ -247,9 +258,10 @@ def replay(trace: Trace, tiers: Sequence[TierSpec], *, sample_interval_s: float 
                 progress(i, n_req)
                 last_report = now
     while pending:
-        e, _, ks, lt = heapq.heappop(pending)
+        e, j, ks, lt = heapq.heappop(pending)
         if timeline is not None:
             sample_until(e)
+        ttl_now[0] = req_ttl[j] if req_ttl is not None else 0.0
         complete(e, ks, lt)
     if timeline is not None:
         sample_until(next_sample)   # close the last window

@@ -13,6 +13,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from kvtier.cache.retention import duration
+
 
 FORMATS = ("auto", "kv-cache-tester", "mooncake", "jsonl")
 TIER_NAMES = ("hbm", "dram", "nvme")
@@ -45,6 +47,9 @@ class Trace:
     sources: list[str] = field(default_factory=list)
     namespaces: int = 0
     _distinct: int | None = None
+    # Per request: the TTL it asked for (jsonl 'ttl': kvtier's kv_transfer_params
+    # kvtier.ttl); 0 = the tier's. None: no request asked.
+    ttl: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.arrival)
@@ -83,6 +88,7 @@ class _Req:
     input_tokens: int
     keys: list[int]
     last_tokens: int
+    ttl: float = 0.0
 
 
 class _Builder:
@@ -122,7 +128,7 @@ class _Builder:
         return out
 
     def add(self, t: float, end: float, input_tokens: int | None, keys: list[int],
-            native_block: int, source: str) -> None:
+            native_block: int, source: str, ttl: float = 0.0) -> None:
         """One request whose ``keys`` are blocks of ``native_block`` tokens (last maybe partial)."""
         bt = self.block_tokens
         n = len(keys)
@@ -144,7 +150,7 @@ class _Builder:
             keys = keys[m - 1:full * m:m]
             n, last_native = full, bt
         self.reqs.append(_Req(t + self.offset_s, end + self.offset_s, int(input_tokens), keys,
-                              int(last_native) if n else bt))
+                              int(last_native) if n else bt, ttl))
 
     def build(self) -> Trace:
         reqs = sorted(self.reqs, key=lambda r: r.t)   # stable: ties keep file order
@@ -162,7 +168,9 @@ class _Builder:
             input_tokens=np.array([r.input_tokens for r in reqs], dtype=np.int64),
             last_tokens=np.array([r.last_tokens for r in reqs], dtype=np.int64),
             offsets=offsets, keys=keys, sources=list(self.sources),
-            namespaces=len(self._ns))
+            namespaces=len(self._ns),
+            ttl=np.array([r.ttl for r in reqs], dtype=np.float64)
+            if any(r.ttl for r in reqs) else None)
 
 
 def _files(paths: Iterable[str | os.PathLike], suffixes: tuple[str, ...]) -> list[Path]:
@@ -282,7 +290,9 @@ def read_jsonl(b: _Builder, path: Path, hash_block: int | None = None) -> None:
     tokens, default ``--block-tokens``) or ``tokens`` (token ids: hashed here into full
     blocks); optional ``input_tokens``, ``output_tokens``, ``duration`` (s: completion =
     t + duration, default 0), ``namespace`` (hash ids match only within a namespace;
-    default one global namespace; ``session`` is accepted as its alias).
+    default one global namespace; ``session`` is accepted as its alias), ``ttl`` (the
+    TTL the request asks kvtier for, as its ``kv_transfer_params.kvtier.ttl``: seconds
+    or "5m"/"1h"; its blocks then live at least that long in DRAM and NVMe).
     """
     native = hash_block or b.block_tokens
     src = str(path)
@@ -321,7 +331,13 @@ def read_jsonl(b: _Builder, path: Path, hash_block: int | None = None) -> None:
             n_in = None if n_in is None else int(n_in)
         except (TypeError, ValueError):
             raise PlanError(f"{where}: 'input_tokens' must be an integer") from None
-        b.add(t, t + dur, n_in, keys, blk, where)
+        ttl = 0.0
+        if rec.get("ttl") is not None:
+            try:
+                ttl = duration(rec["ttl"])
+            except ValueError as e:
+                raise PlanError(f"{where}: 'ttl': {e}") from None
+        b.add(t, t + dur, n_in, keys, blk, where, ttl)
 
 
 def detect_format(path: Path) -> str:

@@ -239,6 +239,25 @@ def test_hierarchy_partial_last_block_attribution(tmp_path):
     assert res.hit_tokens_by_tier == {"hbm": 0, "dram": 4, "nvme": 6}
 
 
+def test_per_request_ttl_from_the_trace(tmp_path):
+    """A jsonl request's 'ttl' (as its kv_transfer_params kvtier.ttl) keeps its
+    blocks at least that long in kvtier's tiers (not in vLLM's GPU cache); a
+    request without one gets the tier's TTL."""
+    tr = trace_of(tmp_path, [{"t": 0, "hash_ids": [1, 2], "ttl": "10m"},
+                             {"t": 0, "hash_ids": [3, 4]},
+                             {"t": 300, "hash_ids": [1, 2, 5]},    # 5 min later
+                             {"t": 300, "hash_ids": [3, 4, 6]}])
+    assert tr.ttl.tolist() == [600, 0, 0, 0]
+    res = one_tier(tr, ttl=60)
+    assert res.hit_tokens == 8                   # [1, 2] only
+    res = plan.replay(tr, [TierSpec("hbm", 100, 60), TierSpec("dram", 100, 60)])
+    assert res.hit_tokens_by_tier == {"hbm": 0, "dram": 8}
+    assert one_tier(trace_of(tmp_path, [{"t": 0, "hash_ids": [1], "ttl": 1}]), ttl=60) \
+        .hit_tokens == 0
+    with pytest.raises(PlanError, match="'ttl'"):
+        trace_of(tmp_path, [{"t": 0, "hash_ids": [1], "ttl": "soon"}])
+
+
 def test_disk_admission_in_the_replay(tmp_path):
     """The disk (last tier) is written per kvtier's disk_admission: blocks, in
     block-tokens (4 per block here), counted as they are written."""
