@@ -166,6 +166,11 @@ class Ledger:
         return (self.disk is not None and key not in self.disk and key not in self._removing
                 and key not in self._handover)
 
+    def removing(self, key: bytes) -> bool:
+        """``key``'s old record is on its way out (a removal or a handover in
+        flight): a new one may be written once that is done."""
+        return key in self._removing or key in self._handover
+
     # ------------------------------------------------------------------- pins
     def pin(self, block: Block) -> Block:
         block.pins += 1

@@ -313,3 +313,28 @@ def test_12_a_future_mtime_does_not_move_the_clock(tmp_path):
     e.now += 150                            # past the TTL counted from now
     e.sched.ledger.expire(e.now)
     assert len(e.sched.ledger.disk) == 0
+
+
+def test_a_block_whose_record_went_bad_is_written_again_once_the_bad_one_is_gone(tmp_path):
+    """A record found bad is removed; the block, recomputed and stored while that
+    removal is in flight, gets a new record once it is done (it was skipped, and
+    counted as 'disk_full', before): a restart then serves it from disk."""
+    e = stored_prefix(tmp_path)
+    e.fail(0, "read", "checksum")
+    e.add("a", PREFIX + [2])
+    drain, e.sched.drain_sweeper = e.sched.drain_sweeper, lambda: None   # a slow sweeper
+    e.settle()
+    e.sched.drain_sweeper = drain
+    for _ in range(3):
+        e.drain()
+        e.step()
+    e.check()
+    assert e.load_failures == 6              # recomputed from block 0
+    key0 = e.keys("a")[0]
+    assert key0 in ready_keys(e, "disk")
+    e.restart()
+    before = e.hits["loaded_ok"]
+    e.add("b", PREFIX + [3])
+    e.settle()
+    e.check()
+    assert e.hits["loaded_ok"] - before == len(PREFIX)
