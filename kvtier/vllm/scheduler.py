@@ -536,7 +536,11 @@ class KVTierScheduler:
         items: list[StoreItem] = []
         for key in dict.fromkeys(keys):
             dram = self.ledger.dram_block(key, now)
-            if dram is None or dram.state is not State.READY or not self.ledger.writable(key):
+            if dram is None:
+                continue
+            if dram.state is not State.READY or not self.ledger.writable(key):
+                if dram.state is State.STORING or self.ledger.removing(key):
+                    self._write_backs.append(key)   # after its copy / the old record's removal
                 continue
             if room <= 0:
                 self._write_backs.append(key)
@@ -602,6 +606,10 @@ class KVTierScheduler:
                     if to_disk:   # the write reads the slot
                         disk.ext = ext
                         self._writes[key] = Pending([disk], readers=[self.ledger.pin(dram)])
+                    elif self.ledger.removing(key):
+                        # Its old record (found bad) is being removed: written from
+                        # the DRAM slot once that is done (_write_back).
+                        self._write_backs.append(key)
                     else:
                         self.stats.inc("kvtier_skipped_stores_total", reason="disk_full")
                 items.append(StoreItem(key, page, dram.slot, to_disk, g.index, reuse))
