@@ -179,8 +179,8 @@ def replay(trace: Trace, tiers: Sequence[TierSpec], *, sample_interval_s: float 
             if ttl and kv_tier[j]:
                 consume(map(add, keys, repeat(bt) if sizes is None else sizes, repeat(t_end),
                             repeat(None), repeat(False), repeat(True), repeat(ttl)))
-                continue
-            consume(map(add, keys, repeat(bt) if sizes is None else sizes, repeat(t_end)))
+            else:
+                consume(map(add, keys, repeat(bt) if sizes is None else sizes, repeat(t_end)))
             u = objs[j].used
             if u > peak[j]:
                 peak[j] = u
