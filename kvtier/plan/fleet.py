@@ -275,7 +275,8 @@ def fleet_row(res: FleetResult, kv_bytes_per_token: int | None = None) -> dict[s
     ``capacity_tokens``, ``peak_working_set_tokens`` and ``written_tokens`` are those
     of the replicas' last own tier (its peak and writes summed over the replicas),
     plus ``replicas``, ``routing``, ``seed``, ``shared_tier`` (false / true),
-    ``shared_written_tokens`` and ``requests_by_replica``."""
+    ``shared_written_tokens`` and ``shared_peak_tokens`` (the shared tier's inserts and
+    peak, 0 without one) and ``requests_by_replica``."""
     f = res.fleet
     last = [s for s in res.tiers if s.name != SHARED][-1]
     out = row(res, kv_bytes_per_token)
@@ -290,5 +291,6 @@ def fleet_row(res: FleetResult, kv_bytes_per_token: int | None = None) -> dict[s
     out.update({"replicas": f.replicas, "routing": f.routing, "seed": f.seed,
                 "shared_tier": f.shared is not None,
                 "shared_written_tokens": res.shared_written_tokens,
+                "shared_peak_tokens": res.peak_used_tokens.get(SHARED, 0.0),
                 "requests_by_replica": res.requests_by_replica})
     return out

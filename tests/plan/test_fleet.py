@@ -200,6 +200,8 @@ def test_unbounded_shared_tier_is_one_big_cache(tmp_path):
             res = replay_fleet(tr, [TierSpec("dram", 40, ttl)], Fleet(5, routing, math.inf))
             assert res.hit_tokens == big.hit_tokens
             assert res.blocks_prefilled == big.blocks_prefilled
+            # and holds what it holds: its peak is the big cache's peak working set
+            assert res.peak_used_tokens["shared"] == big.peak_used_tokens["cache"]
             no = replay_fleet(tr, [TierSpec("dram", 40, ttl)], Fleet(5, routing))
             assert no.hit_tokens < res.hit_tokens
 
@@ -250,6 +252,7 @@ def test_cli_fleet_rows(tmp_path, capsys):
     assert r2[1]["hit_rate_by_tier"]["shared"] == pytest.approx(8 / 40)
     assert r2[0]["kind"] == "fleet" and r2[0]["requests_by_replica"] == [1, 3]
     assert r2[0]["capacity_tokens"] is None                # the replicas' last tier (nvme)
+    assert [r["shared_peak_tokens"] for r in r2] == [0, 6 * 4]
     # one replica, no shared tier: the rows of the single-replica hierarchy
     rc, out, _ = run(capsys, *common)
     single = json.loads(out)
