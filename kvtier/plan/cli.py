@@ -14,9 +14,11 @@ from typing import Callable, Sequence
 
 from kvtier.cache.admission import POLICIES
 from kvtier.cliargs import ArgumentParser, integer, number
+from kvtier.plan.fleet import (ROUTINGS, FleetResult, fleet_configs, fleet_label, fleet_row,
+                               replay_fleets)
 from kvtier.plan.plots import plot_sizing, plot_sweep, plot_timeline
 from kvtier.plan.replay import ReplayResult, TierSpec, _label, replay, replay_many, tier_configs
-from kvtier.plan.report import sizing_text, table
+from kvtier.plan.report import fleet_table, sizing_text, table
 from kvtier.plan.sizing import kv_bytes_per_token, row, size_for, size_rows
 from kvtier.plan.traces import FORMATS, TIER_NAMES, PlanError, load
 from kvtier.plan.units import _list, fmt_bytes, parse_capacity, parse_ttl
@@ -57,6 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
                         f"comma list of {', '.join(POLICIES)} (kvtier's disk_admission); "
                         "default: every tier holds every block")
     p.add_argument("--hbm-ttl", default="inf", help="TTL of the HBM tier [inf]")
+    p.add_argument("--replicas", default=None, metavar="N",
+                   help="fleet mode: replay over N replicas, each with the tiers above "
+                        "(comma list, e.g. 4,16); see docs/planning.md, 'Fleet'")
+    p.add_argument("--routing", default=None, metavar="POLICIES",
+                   help="fleet mode: how requests pick a replica, comma list of "
+                        f"{', '.join(ROUTINGS)} [session]")
+    p.add_argument("--shared-tier", default=None, metavar="CAPACITY",
+                   help="fleet mode: also replay with a cluster-wide tier of this capacity "
+                        "behind every replica's tiers (comma list; tokens, a byte size or "
+                        "inf; its TTL is --ttl's); rows without it are always included")
+    p.add_argument("--seed", type=integer(0), default=None,
+                   help="fleet mode: the random router's seed [0]")
     p.add_argument("--kv-bytes-per-token", type=integer(1), default=None,
                    help="KV-cache bytes per token (e.g. 131072 for Llama-3-8B in bf16)")
     p.add_argument("--model-config", default=None,
@@ -134,6 +148,7 @@ def _main(args: argparse.Namespace, say: Callable[..., None]) -> int:
         if args.disk_admission else ()
     configs = tier_configs(ttls, caps, hbm_ttl=hbm_ttl, admissions=admissions, **hier)
     jobs = args.jobs or os.cpu_count() or 1
+    runs = _fleet_runs(args, configs, kv, arg)
 
     t0 = time.perf_counter()
     trace = load(args.paths, args.format, args.block_tokens, args.hash_block_tokens,
@@ -145,6 +160,8 @@ def _main(args: argparse.Namespace, say: Callable[..., None]) -> int:
         f"in {time.perf_counter() - t0:.1f} s")
     if not len(trace):
         raise PlanError("the trace has no requests")
+    if runs is not None:
+        return _fleet(args, trace, runs, kv, jobs, say)
     sample = args.sample_interval or max(trace.span_s / 400, 1.0)
 
     n_replays = [0]
@@ -209,8 +226,63 @@ def _main(args: argparse.Namespace, say: Callable[..., None]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _fleet_runs(args: argparse.Namespace, configs: list, kv: int | None,
+                arg: Callable[[str, Callable[[], object]], object]) -> list | None:
+    """The fleet replays the options ask for (None: not fleet mode), or PlanError
+    naming the argument that cannot be used."""
+    fleet_only = {"--routing": args.routing, "--shared-tier": args.shared_tier,
+                  "--seed": args.seed}
+    if not args.replicas:
+        for name, v in fleet_only.items():
+            if v is not None:
+                raise PlanError(f"argument {name}: needs --replicas (fleet mode)")
+        return None
+    for name, v in {"--disk-admission": args.disk_admission, "--size-ttl": args.size_ttl,
+                    "--plot": args.plot}.items():
+        if v:
+            raise PlanError(f"argument {name}: not available with --replicas (fleet mode)")
+    replicas = arg("--replicas", lambda: _list(args.replicas, _replicas))
+    routings = arg("--routing", lambda: _list(args.routing or "session", _routing))
+    shared = arg("--shared-tier", lambda: _list(
+        args.shared_tier, lambda x: parse_capacity(x, kv, "tokens"))) if args.shared_tier \
+        else []
+    return fleet_configs(configs, replicas, routings, shared, args.seed or 0)
+
+
+def _fleet(args: argparse.Namespace, trace, runs: list, kv: int | None, jobs: int,
+           say: Callable[..., None]) -> int:
+    def done(i: int, r: FleetResult) -> None:
+        say(f"{fleet_label(r.tiers[:len(runs[i][0])], r.fleet)}: hit rate {r.hit_rate:.3f}, "
+            f"prefills/block {r.prefills_per_block:.2f} ({r.replay_s:.1f} s, "
+            f"{r.cpu_s:.1f} s CPU)")
+
+    t1 = time.perf_counter()
+    results = replay_fleets(trace, runs, jobs=jobs,
+                            progress=not args.quiet and trace.num_blocks > 2_000_000,
+                            on_result=done)
+    say(f"{len(runs)} fleet replay(s) in {time.perf_counter() - t1:.1f} s")
+    rows = [fleet_row(r, kv) for r in results]
+    print(json.dumps(rows, indent=1) if args.json else fleet_table(rows, kv))
+    return 0
+
+
+
+
+def _replicas(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise PlanError(f"expected an integer >= 1, got {text.strip()!r}")
+    return n
+
+
+def _routing(text: str) -> str:
+    text = text.strip()
+    if text not in ROUTINGS:
+        raise PlanError(f"{text!r} is not a routing ({', '.join(ROUTINGS)})")
+    return text
 
 
 def _policy(text: str) -> str:
@@ -218,3 +290,7 @@ def _policy(text: str) -> str:
     if text not in POLICIES:
         raise PlanError(f"{text!r} is not a disk admission policy ({', '.join(POLICIES)})")
     return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

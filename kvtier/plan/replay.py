@@ -336,32 +336,26 @@ def tier_configs(ttls: Sequence[float], capacities: Sequence[float] | None = Non
 _FORK_TRACE: Trace | None = None
 
 
-def _replay_job(args: tuple) -> ReplayResult:
-    tiers, sample, progress_label = args
-    prog = _StderrProgress(progress_label) if progress_label else None
-    return replay(_FORK_TRACE, tiers, sample_interval_s=sample, progress=prog)
+def _fork_job(args: tuple) -> object:
+    fn, item = args
+    return fn(_FORK_TRACE, item)
 
 
-def replay_many(trace: Trace, configs: Sequence[Sequence[TierSpec]], *, jobs: int = 1,
-                sample_interval_s: float | None = None, progress: bool = False,
-                on_result: Callable[[int, ReplayResult], None] | None = None
-                ) -> list[ReplayResult]:
-    """Replay each config (in ``jobs`` forked processes where available), in order."""
+def map_trace(trace: Trace, fn: Callable[[Trace, object], object], items: Sequence[object], *,
+              jobs: int = 1, on_result: Callable[[int, object], None] | None = None) -> list:
+    """``fn(trace, item)`` for each item, in ``jobs`` forked processes where available
+    (they inherit the trace, never pickled; ``fn`` must be a module-level function);
+    the results in order, each also handed to ``on_result`` as it comes."""
     global _FORK_TRACE
-    configs = [list(c) for c in configs]
-    jobs = max(1, min(jobs, len(configs)))
-    if trace.num_blocks * len(configs) < 2_000_000:
-        jobs = 1            # a process pool costs more than it saves
-    labels = [_label(c) if progress else None for c in configs]
-    results: list[ReplayResult | None] = [None] * len(configs)
+    jobs = max(1, min(jobs, len(items)))
+    results: list = [None] * len(items)
     import multiprocessing as mp
     if jobs > 1 and "fork" in mp.get_all_start_methods():
         from concurrent.futures import ProcessPoolExecutor, as_completed
         _FORK_TRACE = trace     # inherited by the forked workers, never pickled
         try:
             with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as ex:
-                futs = {ex.submit(_replay_job, (c, sample_interval_s, lab)): i
-                        for i, (c, lab) in enumerate(zip(configs, labels))}
+                futs = {ex.submit(_fork_job, (fn, item)): i for i, item in enumerate(items)}
                 for f in as_completed(futs):
                     i = futs[f]
                     results[i] = f.result()
@@ -370,12 +364,29 @@ def replay_many(trace: Trace, configs: Sequence[Sequence[TierSpec]], *, jobs: in
         finally:
             _FORK_TRACE = None
     else:
-        for i, (c, lab) in enumerate(zip(configs, labels)):
-            results[i] = replay(trace, c, sample_interval_s=sample_interval_s,
-                                progress=_StderrProgress(lab) if lab else None)
+        for i, item in enumerate(items):
+            results[i] = fn(trace, item)
             if on_result:
                 on_result(i, results[i])
-    return results  # type: ignore[return-value]
+    return results
+
+
+def _replay_item(trace: Trace, args: tuple) -> ReplayResult:
+    tiers, sample, progress_label = args
+    prog = _StderrProgress(progress_label) if progress_label else None
+    return replay(trace, tiers, sample_interval_s=sample, progress=prog)
+
+
+def replay_many(trace: Trace, configs: Sequence[Sequence[TierSpec]], *, jobs: int = 1,
+                sample_interval_s: float | None = None, progress: bool = False,
+                on_result: Callable[[int, ReplayResult], None] | None = None
+                ) -> list[ReplayResult]:
+    """Replay each config (in ``jobs`` forked processes where available), in order."""
+    configs = [list(c) for c in configs]
+    if trace.num_blocks * len(configs) < 2_000_000:
+        jobs = 1            # a process pool costs more than it saves
+    items = [(c, sample_interval_s, _label(c) if progress else None) for c in configs]
+    return map_trace(trace, _replay_item, items, jobs=jobs, on_result=on_result)
 
 
 def _label(tiers: Sequence[TierSpec]) -> str:

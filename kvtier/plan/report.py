@@ -49,6 +49,39 @@ def table(rows: Sequence[dict[str, Any]], kv_bytes: int | None = None) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
 
 
+def fleet_table(rows: Sequence[dict[str, Any]], kv_bytes: int | None = None) -> str:
+    """The terminal table of fleet rows (kvtier.plan.fleet.fleet_row)."""
+    rows = [r for r in rows if r.get("kind") == "fleet"]
+    if not rows:
+        return ""
+    own = [t["name"] for t in rows[0]["tiers"] if t["name"] != "shared"]
+    shared = any(r["shared_tier"] for r in rows)
+
+    def cap(c: float | None) -> str:
+        txt = fmt_tokens(c)
+        return txt + (f" ({fmt_bytes(c * kv_bytes)})" if kv_bytes and c is not None else "")
+
+    head = (["TTL", "replicas", "routing"] + [f"{n}/replica" for n in own] + ["shared tier",
+            "hit rate"] + [f"from {n}" for n in own] + (["from shared"] if shared else [])
+            + ["prefills/block", "requests/replica"])
+    body = []
+    for r in rows:
+        tiers = {t["name"]: t for t in r["tiers"]}
+        by = r["hit_rate_by_tier"]
+        n = r["requests_by_replica"]
+        body.append(
+            [fmt_ttl(r["ttl_s"]), str(r["replicas"]), r["routing"]]
+            + [cap(tiers[x]["capacity_tokens"]) for x in own]
+            + [cap(tiers["shared"]["capacity_tokens"]) if r["shared_tier"] else "none",
+               f"{r['hit_rate']:.3f}"] + [f"{by[x]:.3f}" for x in own]
+            + ([f"{by['shared']:.3f}" if r["shared_tier"] else "-"] if shared else [])
+            + [f"{r['prefills_per_block']:.2f}", f"{min(n)}-{max(n)}"])
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    line = lambda cs: "  ".join(c.rjust(w) if i else c.ljust(w)      # noqa: E731
+                               for i, (c, w) in enumerate(zip(cs, widths)))
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
 def sizing_text(sz: Sizing, kv_bytes: int | None, names: dict[float, str]) -> str:
     out = [f"Sizing at TTL {fmt_ttl(sz.ttl_s)}: unbounded-capacity hit rate "
            f"{sz.unbounded_hit_rate:.3f}, peak working set {fmt_tokens(sz.peak_working_set_tokens)}"

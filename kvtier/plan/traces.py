@@ -50,6 +50,10 @@ class Trace:
     # Per request: the TTL it asked for (jsonl 'ttl': kvtier's kv_transfer_params
     # kvtier.ttl); 0 = the tier's. None: no request asked.
     ttl: np.ndarray | None = None
+    # Per request: its session (int, in order of first appearance), what a
+    # session-affine router hashes: kv-cache-tester: the conversation (file; sub-agents
+    # share it); jsonl: 'namespace'/'session'; Mooncake: the file. None: unknown.
+    session: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.arrival)
@@ -89,6 +93,7 @@ class _Req:
     keys: list[int]
     last_tokens: int
     ttl: float = 0.0
+    session: int = 0
 
 
 class _Builder:
@@ -99,6 +104,7 @@ class _Builder:
         self.reqs: list[_Req] = []
         self.sources: list[str] = []
         self._ns: dict[Any, int] = {}
+        self._sessions: dict[Any, int] = {}
         self._interned: dict[tuple, int] = {}
         self.offset_s = 0.0         # added to the times of the file being read
 
@@ -128,8 +134,9 @@ class _Builder:
         return out
 
     def add(self, t: float, end: float, input_tokens: int | None, keys: list[int],
-            native_block: int, source: str, ttl: float = 0.0) -> None:
-        """One request whose ``keys`` are blocks of ``native_block`` tokens (last maybe partial)."""
+            native_block: int, source: str, ttl: float = 0.0, session: Any = None) -> None:
+        """One request whose ``keys`` are blocks of ``native_block`` tokens (last maybe
+        partial); ``session``: its session's name (any hashable; None: the source's)."""
         bt = self.block_tokens
         n = len(keys)
         hashed = n * native_block
@@ -149,8 +156,12 @@ class _Builder:
                 full -= 1   # the last group holds a partial trace block: not a full block
             keys = keys[m - 1:full * m:m]
             n, last_native = full, bt
+        name = source if session is None else session
+        sid = self._sessions.get(name)
+        if sid is None:
+            sid = self._sessions[name] = len(self._sessions)
         self.reqs.append(_Req(t + self.offset_s, end + self.offset_s, int(input_tokens), keys,
-                              int(last_native) if n else bt, ttl))
+                              int(last_native) if n else bt, ttl, sid))
 
     def build(self) -> Trace:
         reqs = sorted(self.reqs, key=lambda r: r.t)   # stable: ties keep file order
@@ -170,7 +181,8 @@ class _Builder:
             offsets=offsets, keys=keys, sources=list(self.sources),
             namespaces=len(self._ns),
             ttl=np.array([r.ttl for r in reqs], dtype=np.float64)
-            if any(r.ttl for r in reqs) else None)
+            if any(r.ttl for r in reqs) else None,
+            session=np.array([r.session for r in reqs], dtype=np.int64))
 
 
 def _files(paths: Iterable[str | os.PathLike], suffixes: tuple[str, ...]) -> list[Path]:
@@ -228,8 +240,10 @@ def read_kv_cache_tester(b: _Builder, path: Path) -> None:
                 n_in = r.get("in")
             except (KeyError, TypeError, ValueError) as e:
                 raise PlanError(f"{path}: bad request {str(r)[:120]} ({e})") from None
-            b.add(t, end, None if n_in is None else int(n_in), b.keys(ns, ids), native, src)
+            b.add(t, end, None if n_in is None else int(n_in), b.keys(ns, ids), native, src,
+                  session=conv)
 
+    conv = ("kvct", str(path.resolve()))     # one session per conversation, any scope
     walk(doc["requests"], 0.0)
 
 
@@ -260,7 +274,8 @@ def read_mooncake(b: _Builder, path: Path, native: int = 512) -> None:
     completion = arrival.
     """
     _check_block(b.block_tokens, native, str(path))
-    ns = b.namespace(("mooncake", str(path.resolve())))
+    ns_name = ("mooncake", str(path.resolve()))     # no sessions recorded: the file
+    ns = b.namespace(ns_name)
     src = str(path)
     b.sources.append(src)
     for lineno, rec in _jsonl(path):
@@ -270,7 +285,8 @@ def read_mooncake(b: _Builder, path: Path, native: int = 512) -> None:
             n_in = rec.get("input_length")
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"{path}:{lineno}: not a Mooncake record ({e})") from None
-        b.add(t, t, None if n_in is None else int(n_in), b.keys(ns, ids), native, src)
+        b.add(t, t, None if n_in is None else int(n_in), b.keys(ns, ids), native, src,
+              session=ns_name)
 
 
 def _token_keys(ns: int, tokens: Sequence[int], block: int) -> list[int]:
@@ -308,7 +324,8 @@ def read_jsonl(b: _Builder, path: Path, hash_block: int | None = None) -> None:
             raise PlanError(f"{where}: 't' and 'duration' must be numbers (seconds)") from None
         if dur < 0:
             raise PlanError(f"{where}: negative duration")
-        ns = b.namespace(("jsonl", str(rec.get("namespace", rec.get("session", "")))))
+        ns_name = ("jsonl", str(rec.get("namespace", rec.get("session", ""))))
+        ns = b.namespace(ns_name)
         n_in = rec.get("input_tokens")
         if "hash_ids" in rec:
             _check_block(b.block_tokens, native, where)
@@ -337,7 +354,7 @@ def read_jsonl(b: _Builder, path: Path, hash_block: int | None = None) -> None:
                 ttl = duration(rec["ttl"])
             except ValueError as e:
                 raise PlanError(f"{where}: 'ttl': {e}") from None
-        b.add(t, t + dur, n_in, keys, blk, where, ttl)
+        b.add(t, t + dur, n_in, keys, blk, where, ttl, session=ns_name)
 
 
 def detect_format(path: Path) -> str:

@@ -250,6 +250,11 @@ def test_per_request_ttl_from_the_trace(tmp_path):
     assert tr.ttl.tolist() == [600, 0, 0, 0]
     res = one_tier(tr, ttl=60)
     assert res.hit_tokens == 8                   # [1, 2] only
+    # the peak counts blocks stored with a request's own TTL too: at t=300, [1, 2]
+    # (kept by its 10 min TTL) + [1, 2, 5] and [3, 4, 6] stored again: 6 blocks
+    assert res.peak_used_tokens["cache"] == 6 * 4
+    assert one_tier(trace_of(tmp_path, [{"t": 0, "hash_ids": [1, 2], "ttl": 60}]), ttl=60) \
+        .peak_used_tokens["cache"] == 8
     res = plan.replay(tr, [TierSpec("hbm", 100, 60), TierSpec("dram", 100, 60)])
     assert res.hit_tokens_by_tier == {"hbm": 0, "dram": 8}
     assert one_tier(trace_of(tmp_path, [{"t": 0, "hash_ids": [1], "ttl": 1}]), ttl=60) \
