@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import stat
 import threading
 from pathlib import Path
+
+from kvtier.store.safety import OPEN_SAFE, UnsafeStore, make_dir
+
+log = logging.getLogger("vllm.kvtier.store")
 
 META_DIR = ".kvtier"
 
@@ -30,24 +35,19 @@ class StoreInUse(RuntimeError):
 
 
 def meta_dir(root: Path) -> Path:
+    """``<root>/.kvtier``, made if needed. UnsafeStore if it is not a real
+    directory of this user that only it can write; OSError if it cannot be made."""
     d = root / META_DIR
-    try:
-        d.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(d)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise PermissionError(f"kvtier: {d} must be a directory of this user, writable by it "
-                              "alone (not a symlink)")
+    make_dir(d)
     return d
 
 
 def open_lockfile(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-                 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | OPEN_SAFE, 0o600)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise PermissionError(f"kvtier: {path} is not a regular file")
+        raise UnsafeStore(f"kvtier: refusing the store: {path} is not a regular file "
+                          "(remove it)")
     return fd
 
 
@@ -66,7 +66,16 @@ def claim_store(root: str | os.PathLike, shared: bool) -> None:
         have = _claims.get(key)
         if have is not None and have[1] == shared:
             return
-        fd = have[0] if have is not None else open_lockfile(meta_dir(root) / "owner")
+        try:
+            fd = have[0] if have is not None else open_lockfile(meta_dir(root) / "owner")
+        except OSError as e:
+            if shared:
+                raise OSError(e.errno, f"kvtier: a shared store needs its metadata directory "
+                                       f"{root / META_DIR} writable ({e.strerror})") from None
+            # A read-only store (its records are served, nothing is written): no claim.
+            log.warning("kvtier: cannot claim the store %s (%s): another engine on it would "
+                        "not be detected", root, e.strerror)
+            return
         try:
             fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as e:

@@ -298,3 +298,36 @@ def test_engines_claim_the_store(tmp_path, theirs, mine, ok):
         p.kill()
         p.wait()
     claim_store(tmp_path / "kv", False) if not ok else None   # free once it is gone
+
+
+def test_a_read_only_store_is_served_unclaimed_but_never_shared(tmp_path, caplog):
+    """A store on a read-only mount (its records still served): an engine starts
+    without a claim, saying so; a shared engine needs the metadata directory."""
+    import logging
+    import subprocess
+    from tests.helpers import tmpfs
+    with tmpfs(tmp_path / "ro", "4m") as root:
+        DiskStore(root, NS, 0, 1)                     # a store, as an earlier run left it
+        subprocess.run(["mount", "-o", "remount,ro", str(root)], check=True)
+        with caplog.at_level(logging.WARNING, logger="vllm.kvtier.store"):
+            claim_store(root, False)
+        assert "cannot claim the store" in caplog.text
+        with pytest.raises(OSError, match="shared store needs its metadata directory"):
+            claim_store(root, True)
+
+
+def test_a_planted_metadata_directory_is_refused(tmp_path):
+    from kvtier.store.safety import UnsafeStore
+    root = tmp_path / "kv"
+    root.mkdir(mode=0o700)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (root / META_DIR).symlink_to(elsewhere)
+    with pytest.raises(UnsafeStore, match="symlink"):
+        claim_store(root, False)
+    (root / META_DIR).unlink()
+    (root / META_DIR).mkdir(mode=0o700)
+    os.mkfifo(root / META_DIR / "owner", 0o600)      # must not block, nor be used
+    with pytest.raises(UnsafeStore, match="not a regular file"):
+        claim_store(root, False)
+    assert list(elsewhere.iterdir()) == []

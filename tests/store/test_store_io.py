@@ -231,7 +231,7 @@ def test_checksum_is_xxh3_64_and_old_records_verify(tmp_path, pool, backend):
     if backend != "off":   # the digest computed on the I/O threads
         (res,) = s._io.read_records([(str(s.path(GOLDEN_KEY)), pool.slot(1).ctypes.data, REC,
                                       True, HEADER_BYTES, PAYLOAD)])
-        assert res == (0, REC, REC, GOLDEN_XXH3)
+        assert res == (0, REC, REC, GOLDEN_XXH3, False)   # (False: a regular file)
 
 
 def test_other_format_version_is_refused_by_name(tmp_path, pool, backend):
