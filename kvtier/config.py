@@ -97,6 +97,13 @@ class KVTierConfig:
     disk_admission: str = "write_through"
     """write_through | second_use | on_dram_evict: which blocks get a disk record,
     and when (kvtier.cache.admission; docs/operators.md)."""
+    secret_file: str = ""
+    """A file holding the store's secret (>= 16 bytes, not world-readable): records
+    carry a MAC and file names are keyed; a record without a valid MAC is a miss.
+    Required with ``shared``. Empty: records are trusted as found (checksums only)."""
+    shared: bool = False
+    """Several engines use this disk_path: disk_bytes is the budget of the whole store,
+    shared by every engine on it (each must set shared and the same secret_file)."""
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> "KVTierConfig":
@@ -111,7 +118,7 @@ class KVTierConfig:
                     "max_pinned_bytes_per_tenant"):
             if key in extra:
                 vals[key] = parse_size(key, extra[key])
-        for key in ("disk", "fsync", "store_decode_tokens"):
+        for key in ("disk", "fsync", "store_decode_tokens", "shared"):
             if key in extra:
                 v = extra[key]
                 if isinstance(v, str) and v.lower() in ("true", "false", "1", "0"):
@@ -154,7 +161,24 @@ class KVTierConfig:
             if not isinstance(v, str) or not v.strip():
                 raise ConfigError(f"kvtier config 'disk_path': expected a directory path, got {v!r}")
             vals["disk_path"] = v
-        return cls(**vals).resolved()
+        if "secret_file" in extra:
+            v = extra["secret_file"]
+            if not isinstance(v, str):
+                raise ConfigError(f"kvtier config 'secret_file': expected a file path, got {v!r}")
+            vals["secret_file"] = v.strip()
+        if vals.get("shared") and not vals.get("secret_file"):
+            raise ConfigError(
+                "kvtier config 'shared': a store shared by several engines needs 'secret_file' "
+                "(the same secret on every engine: records are authenticated, so no process "
+                "that can write the directory can plant KV into another engine's answers)")
+        cfg = cls(**vals).resolved()
+        if cfg.secret_file and cfg.disk_enabled:
+            from kvtier.store.secret import SecretError, read_secret
+            try:
+                read_secret(cfg.secret_file)
+            except SecretError as e:
+                raise ConfigError(f"kvtier config 'secret_file': {e}") from None
+        return cfg
 
     def resolved(self) -> "KVTierConfig":
         """Fill machine-dependent defaults (DRAM from RAM size, disk from free space)."""

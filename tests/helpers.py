@@ -36,6 +36,17 @@ def server(model_dir, store: Path, log: Path, env=None, vllm_args=(), **extra) -
     return Server(model_dir, cfg, args, log_path=str(log), env=env)
 
 
+def shared_store_config(tmp_path: Path) -> dict:
+    """kvtier keys of an engine sharing its store with others: ``shared`` and a
+    secret (written once per test directory, 0400)."""
+    secret = tmp_path / "store-secret"
+    if not secret.exists():
+        import os
+        secret.write_bytes(os.urandom(32).hex().encode())
+        secret.chmod(0o400)
+    return {"shared": True, "secret_file": str(secret)}
+
+
 def cached(resp: dict) -> int:
     return (resp["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
 

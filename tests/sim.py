@@ -177,7 +177,8 @@ class MiniEngine:
         c = self.cfg
         return {"ttl_seconds": c.ttl_seconds, "io_threads": c.io_threads,
                 "disk_path": c.disk_path, "disk_bytes": c.disk_bytes, "disk": c.disk,
-                "disk_admission": c.disk_admission}
+                "disk_admission": c.disk_admission, "secret_file": c.secret_file,
+                "shared": c.shared}
 
     # -------------------------------------------------------------- requests
     def add(self, rid: str, tokens: list[int], max_tokens: int = 1, salt: str | None = None,

@@ -64,8 +64,11 @@ void bind_io(nb::module_& m) {
           },
           "items"_a, "fsync"_a,
           "items: [(tmp_path, final_path, addr, len, o_direct, reuse_path)]. Publishes each "
-          "record atomically (write tmp, [fsync], rename, [fsync the directory]); reuse_path (or ''): a free file "
-          "to rename to tmp and write over. Returns an errno per item (0: ok).")
+          "record atomically (write tmp, [fsync], rename, [fsync the directory]); final_path '': "
+          "leave it at tmp (the caller publishes); reuse_path (or ''): a free file to rename "
+          "to tmp (reuse_path == tmp_path: already there) and write over if it is a regular "
+          "file of this user with one link. Returns an errno per item (0: ok; on failure "
+          "tmp_path is gone).")
       .def(
           "read_records",
           [](IoEngine& e, const std::vector<ReadTuple>& items) {
@@ -79,18 +82,21 @@ void bind_io(nb::module_& m) {
               nb::gil_scoped_release released;
               r = e.read_records(v);
             }
-            std::vector<std::tuple<int, int64_t, int64_t, std::optional<uint64_t>>> out;
+            std::vector<std::tuple<int, int64_t, int64_t, std::optional<uint64_t>, bool>> out;
             out.reserve(r.size());
             for (const ReadResult& x : r)
               out.emplace_back(x.err, x.got, x.size,
-                               x.digested ? std::optional<uint64_t>(x.digest) : std::nullopt);
+                               x.digested ? std::optional<uint64_t>(x.digest) : std::nullopt,
+                               x.not_regular);
             return out;
           },
           "items"_a,
           "items: [(path, addr, len, o_direct, digest_off, digest_len)]; returns "
-          "[(errno, bytes_read, file_size, digest)]: bytes_read 0 when the file is shorter "
-          "than len (not read); digest the xxh3-64 of [addr + digest_off, + digest_len) "
-          "after a complete read (None otherwise, or when digest_len is 0).")
+          "[(errno, bytes_read, file_size, digest, not_regular)]: bytes_read 0 when the file "
+          "is shorter than len (not read); digest the xxh3-64 of [addr + digest_off, + "
+          "digest_len) after a complete read (None otherwise, or when digest_len is 0); "
+          "not_regular: the path is a FIFO, device or socket (opened O_NONBLOCK, not read); "
+          "a symlink fails with ELOOP (O_NOFOLLOW).")
       .def_prop_ro("threads", &IoEngine::threads);
 }
 

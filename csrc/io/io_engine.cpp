@@ -16,10 +16,22 @@ namespace kvtier {
 namespace {
 
 int open_flags_write(bool direct) {
-  return O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | (direct ? O_DIRECT : 0);
+  return O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | O_NOFOLLOW | (direct ? O_DIRECT : 0);
 }
 
-int open_flags_read(bool direct) { return O_RDONLY | O_CLOEXEC | (direct ? O_DIRECT : 0); }
+// O_NOFOLLOW: a symlink planted at a record's path is not followed (ELOOP);
+// O_NONBLOCK: a FIFO planted there does not block the open (fstat then refuses it).
+int open_flags_read(bool direct) {
+  return O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | (direct ? O_DIRECT : 0);
+}
+
+// A file this process may write over: a regular file of its own with one link
+// (a symlink, FIFO, device or hard link planted in free/ is never written through).
+bool own_regular_file(int fd) {
+  struct stat st;
+  return ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_nlink == 1 &&
+         st.st_uid == ::geteuid();
+}
 
 // Writes all of [buf, buf + len) at offset 0; 0 or an errno.
 int pwrite_all(int fd, const char* buf, uint64_t len) {
@@ -57,14 +69,19 @@ int publish(const std::string& tmp, const std::string& final) {
 }
 
 // Opens it.tmp for writing: the reused file renamed there (*reused), else a new one.
+// reuse == tmp: the caller renamed the file there already. A reused file that is
+// not a plain file of ours is unlinked (the name only, never its target).
 int open_tmp(const WriteItem& it, bool* reused) {
   *reused = false;
-  if (!it.reuse.empty() && ::rename(it.reuse.c_str(), it.tmp.c_str()) == 0) {
-    const int fd = ::open(it.tmp.c_str(), O_WRONLY | O_CLOEXEC | (it.direct ? O_DIRECT : 0));
-    if (fd >= 0) {
+  if (!it.reuse.empty() &&
+      (it.reuse == it.tmp || ::rename(it.reuse.c_str(), it.tmp.c_str()) == 0)) {
+    const int fd = ::open(it.tmp.c_str(), O_WRONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK |
+                                              (it.direct ? O_DIRECT : 0));
+    if (fd >= 0 && own_regular_file(fd)) {
       *reused = true;
       return fd;
     }
+    if (fd >= 0) ::close(fd);
     ::unlink(it.tmp.c_str());
   }
   return ::open(it.tmp.c_str(), open_flags_write(it.direct), 0600);
@@ -90,27 +107,35 @@ int write_record_sync(const WriteItem& it, bool fsync) {
     err = errno;
   if (err == 0 && fsync && ::fsync(fd) != 0) err = errno;
   if (::close(fd) != 0 && err == 0 && errno != EINTR) err = errno;
-  if (err == 0) err = publish(it.tmp, it.final);
+  if (err == 0 && !it.final.empty()) err = publish(it.tmp, it.final);
   if (err != 0) {
     ::unlink(it.tmp.c_str());
     return err;
   }
+  // final "": the caller publishes (a shared store's budget renames under its lock).
+  if (it.final.empty()) return 0;
   // fsync: the record survives power loss only once its name does too.
   return fsync ? fsync_dir(parent_dir(it.final)) : 0;
 }
 
-// The errno for a path that is not a regular file: EISDIR for a directory
-// (also when O_DIRECT made its open fail with EINVAL), else EINVAL.
-static int not_a_record(const struct stat& st) { return S_ISDIR(st.st_mode) ? EISDIR : EINVAL; }
+// A path that holds no regular file: a directory is no record (EISDIR, also
+// when O_DIRECT made its open fail with EINVAL: nothing proven, left alone); a
+// FIFO, device or socket planted where a record should be is refused
+// (not_regular: the store removes the name, never anything it points to).
+static void not_a_record(const struct stat& st, ReadResult* r) {
+  r->err = S_ISDIR(st.st_mode) ? EISDIR : 0;
+  r->not_regular = !S_ISDIR(st.st_mode);
+}
 
 ReadResult read_record_sync(const ReadItem& it) {
   ReadResult r;
   struct stat st;
   const int fd = ::open(it.path.c_str(), open_flags_read(it.direct));
   if (fd < 0) {
-    r.err = errno;
-    if (r.err == EINVAL && it.direct && ::stat(it.path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
-      r.err = not_a_record(st);
+    r.err = errno;  // ELOOP: a symlink (O_NOFOLLOW)
+    if (r.err == EINVAL && it.direct && ::lstat(it.path.c_str(), &st) == 0 &&
+        !S_ISREG(st.st_mode))
+      not_a_record(st, &r);
     return r;
   }
   if (::fstat(fd, &st) != 0) {
@@ -118,8 +143,8 @@ ReadResult read_record_sync(const ReadItem& it) {
     ::close(fd);
     return r;
   }
-  if (!S_ISREG(st.st_mode)) {  // a directory, a device...: no record, not a fault of one
-    r.err = not_a_record(st);
+  if (!S_ISREG(st.st_mode)) {
+    not_a_record(st, &r);
     ::close(fd);
     return r;
   }

@@ -6,9 +6,12 @@
 // `tmp` (O_CREAT|O_EXCL|O_WRONLY, 0600, O_DIRECT when asked), write all
 // bytes, fsync when asked, close, rename onto `final` (creating final's
 // parent directory, 0700, when the rename says ENOENT, then renaming once
-// more); on any failure after the open the temp file is unlinked. A read
-// opens `path` (O_RDONLY, O_DIRECT when asked), takes its size, and reads
-// `len` bytes from offset 0 unless the file is shorter than that.
+// more; `final` empty: no rename, the caller publishes); on any failure after
+// the open the temp file is unlinked. A reused file is opened O_NOFOLLOW and
+// written over only if it is a regular file of this user with one link. A read
+// opens `path` (O_RDONLY|O_NOFOLLOW|O_NONBLOCK, O_DIRECT when asked), refuses
+// anything but a regular file, takes its size, and reads `len` bytes from
+// offset 0 unless the file is shorter than that.
 //
 // Results are per item: 0 or an errno; nothing throws for an I/O error.
 //
@@ -32,13 +35,14 @@ namespace kvtier {
 
 struct WriteItem {
   std::string tmp;    // temp path (in the store's tmp/ directory)
-  std::string final;  // published path
+  std::string final;  // published path ("": leave the record at tmp)
   uint64_t addr;      // record bytes
   uint64_t len;
   bool direct;        // O_DIRECT (addr and len must then be aligned)
   // An evicted record's file to write over instead of creating tmp ("" none):
-  // renamed to tmp first; overwriting allocated blocks spares the filesystem
-  // the block allocation of a new file. Taken by someone else: a new file.
+  // renamed to tmp first (reuse == tmp: already there); overwriting allocated
+  // blocks spares the filesystem the block allocation of a new file. Taken by
+  // someone else, or not a plain file of ours: a new file.
   std::string reuse;
 };
 
@@ -54,7 +58,8 @@ struct ReadItem {
 };
 
 struct ReadResult {
-  int err = 0;            // errno (ENOENT: no record), 0 on success
+  int err = 0;            // errno (ENOENT: no record; ELOOP: a symlink), 0 on success
+  bool not_regular = false;  // opened, but not a regular file (nothing read)
   int64_t got = 0;        // bytes read (0 when the file is shorter than len: not read)
   int64_t size = 0;       // file size (fstat)
   bool digested = false;  // digest holds the payload's xxh3-64

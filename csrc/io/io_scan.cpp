@@ -74,7 +74,7 @@ void scan_shard(int root_fd, const std::string& shard, int key_bytes, ScanResult
 
 ScanResult scan_records(const std::string& dir, int key_bytes, int threads) {
   ScanResult res;
-  const int root_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  const int root_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
   if (root_fd < 0) {
     res.err = errno;
     return res;

@@ -379,6 +379,26 @@ class Ledger:
             self.held_disk += self.record_size
             self._fit_disk()
 
+    def set_disk_budget(self, nbytes: int, now: float) -> int:
+        """Change the disk budget at run time (a shared store's share of its budget,
+        kvtier.store.budget): a smaller one evicts least recently used records now
+        (they stay counted, as pending removals, until the sweeper has removed them:
+        only then does the ledger fit the new budget); pinned ones stay until
+        unpinned, and kept ones (retention) until their keep ends, so the budget set
+        is at least what pinned, kept and held records take. Returns the budget set."""
+        if self.disk is None:
+            return 0
+        nbytes = int(nbytes)
+        if nbytes < self.disk.used + self.held_disk:
+            self._expire_keeps(now)
+            stay = sum(e.size for e in self.disk._entries.values()
+                       if e.pins or e.keep_until > now)
+            nbytes = max(nbytes, stay + self.held_disk)
+        self.disk_budget = nbytes
+        self._fit_disk()
+        self.disk.make_room(0, now)
+        return self.disk_budget
+
     def hold_disk(self, nbytes: int) -> None:
         """Count (or, negative, stop counting) bytes on disk that are no record of
         this ledger's, e.g. temp files found at start-up."""

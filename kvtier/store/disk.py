@@ -16,13 +16,30 @@ with identical bytes.
 Directories are 0700 and files 0600. Keys are fixed-size digests rendered as
 hex, so no key can become a path traversal.
 
-I/O: through the native engine (``kvtier._copy_engine.IoEngine``, csrc/io/io_*)
-when the extension has it, else in Python; same files, same checks. The
-native engine does a record's whole open/write/fsync/rename (or open/read)
+Safe file handling (kvtier.store.safety): the store refuses to open on
+directories someone else could write (``UnsafeStore``, saying why); a symlink
+or a FIFO planted as a record is a miss ("not_regular") and is removed, never
+followed nor waited on; a reused file (free/, an evicted record) is written
+over only if it is a plain file of ours; scans never follow links.
+
+With a secret (``secret_file``: kvtier.store.secret) the namespace directory
+and every record's file name are keyed, and records are authenticated (a MAC
+over header and payload, kvtier.store.record): a record written without the
+secret is a miss ("bad_mac"), never served. With ``shared`` the store's disk
+budget holds for every engine on it together (kvtier.store.budget): every
+create, rename and unlink goes through the store's usage ledger.
+
+I/O: through the native engine (kvtier.store.native, csrc/io/io_*) when the
+extension has it, else in Python (kvtier.store.pyio); same files, same checks.
+The native engine does a record's whole open/write/fsync/rename (or open/read)
 with the GIL released, and takes batches (``write_batch``/``read_batch``: a
-store or load job at once, spread over its threads). The
-``KVTIER_NATIVE_IO`` environment variable (or ``DiskStore(native_io=...)``)
-picks: ``auto`` (default), ``threads`` (native, required), ``off`` (Python).
+store or load job at once, spread over its threads).
+
+Why one module of ~540 lines: it is one class, the store's file protocol
+(names, local and shared writes, reads and their checks, removals, free files,
+scans), whose parts must agree on every name and rule; the I/O itself
+(pyio, native), the rules (safety, record, secret) and the shared budget
+(budget, claim) are modules of their own.
 """
 
 from __future__ import annotations
@@ -40,31 +57,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
+import xxhash
 
 from kvtier.cache.keys import KEY_BYTES
 from kvtier.copy.engine import PAGE
-from kvtier.store.record import HEADER_BYTES, RecordError, check_record, record_bytes
+from kvtier.store.budget import BudgetExceeded, StoreBudget
+from kvtier.store.record import (HEADER_BYTES, RecordError, check_mac, check_record, pack_header,
+                                 record_bytes)
+from kvtier.store import pyio
+from kvtier.store.native import EngineHandle, pick_backend, scan_records
+from kvtier.store.native import IoEngine as _IoEngine  # noqa: F401 (whether this build has it)
+from kvtier.store.safety import (UnsafeStore, check_dir, check_shards, make_dir, not_regular_error,
+                                 own_plain_file)
+from kvtier.store.secret import StoreKeys, keys_for
 
 log = logging.getLogger("vllm.kvtier.store")
 
-try:
-    from kvtier import _copy_engine as _native
-    _IoEngine = _native.IoEngine
-    _scan_records = _native.scan_records
-except (ImportError, AttributeError):   # not built, or built before csrc/io/io_engine.cpp
-    _native = _IoEngine = _scan_records = None
 
-NATIVE_IO_MODES = ("auto", "threads", "off")
-_FORKED_ENGINES: list = []   # engines inherited through fork(): kept, never joined
-
-def _refuse_non_file(mode: int, path) -> None:
-    """A record path that holds no regular file: OSError, EISDIR for a directory
-    (else EINVAL), as the native reader reports it. Not a record fault: nothing
-    about a record is proven, and the path is left alone."""
-    if not stat.S_ISREG(mode):
-        err = errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL
-        raise OSError(err, os.strerror(err), str(path))
+def store_options(cfg) -> dict:
+    """DiskStore's security and sharing arguments from a KVTierConfig."""
+    return {"secret_file": cfg.secret_file or None, "shared": cfg.shared,
+            "budget_bytes": cfg.disk_bytes}
 
 
 @dataclass(frozen=True)
@@ -92,7 +105,9 @@ class DiskStore:
 
     def __init__(self, root: str | os.PathLike, namespace: bytes, rank: int, tp_size: int,
                  o_direct: str = "auto", fsync: bool = False, io_threads: int = 4,
-                 native_io: str | None = None, free_files: int = 0):
+                 native_io: str | None = None, free_files: int = 0,
+                 secret_file: str | os.PathLike | None = None, keys: StoreKeys | None = None,
+                 shared: bool = False, budget_bytes: int = 0):
         if len(namespace) != KEY_BYTES:
             raise ValueError("namespace digest must be 16 bytes")
         self.root = Path(root)
@@ -101,21 +116,34 @@ class DiskStore:
         self.tp_size = tp_size
         self.fsync = fsync
         self.io_threads = max(1, int(io_threads))
-        self.dir = self.root / namespace.hex() / f"rank{rank}"
+        self.keys = keys if keys is not None else keys_for(secret_file) if secret_file else None
+        # What the store calls the namespace (its directory, its records' headers).
+        self.namespace_id = (self.keys.namespace_id(namespace) if self.keys is not None
+                             else namespace)
+        self.dir = self.root / self.namespace_id.hex() / f"rank{rank}"
         self.tmp = self.dir / "tmp"
         self.free = self.dir / "free"
         self.free_files = max(0, int(free_files))
         self._free_names: list[str] = []   # known free files, taken by writes
-        for d in (self.root, self.root / namespace.hex(), self.dir, self.tmp):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_dir(self.root, top=True)
+        for d in (self.root / self.namespace_id.hex(), self.dir, self.tmp):
+            make_dir(d)
         try:
-            self.free.mkdir(mode=0o700, exist_ok=True)
+            make_dir(self.free)
+        except UnsafeStore:
+            raise
         except OSError:   # e.g. a store of an older kvtier on a read-only mount
             self.free_files = 0
+        check_shards(self.dir)
+        self.budget = StoreBudget.of(self.root, budget_bytes) if shared else None
+        # Temp files carry the writer's lease on a shared store (its reservation
+        # covers them; a dead writer's are reaped), else its pid.
+        self._tmp_tag = self.budget.lease if self.budget is not None else None
         self.o_direct = self._probe_o_direct(o_direct)
-        self.io_backend = self._pick_backend(native_io)
-        self._engine = None   # (IoEngine, pid), made on first use (the scheduler's stores do no I/O)
-        self._engine_lock = threading.Lock()
+        self.io_backend = pick_backend(native_io)
+        self._engine = EngineHandle(self.io_threads) if self.io_backend == "threads" else None
+        self._pool_lock = threading.Lock()
         self._py_pool: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
@@ -123,46 +151,20 @@ class DiskStore:
         if self._io is not None:
             self._io.read_records([])
 
-    @staticmethod
-    def _pick_backend(mode: str | None) -> str:
-        """"threads" (native engine) or "python", from ``native_io``."""
-        mode = (mode or os.environ.get("KVTIER_NATIVE_IO") or "auto").strip().lower()
-        if mode in ("0", "false", "no", "python"):
-            mode = "off"
-        if mode not in NATIVE_IO_MODES:
-            raise ValueError(f"kvtier: native I/O mode {mode!r}: expected one of {NATIVE_IO_MODES}")
-        if mode == "off":
-            return "python"
-        if _IoEngine is None:
-            if mode != "auto":
-                raise RuntimeError(f"kvtier: native I/O {mode!r} asked for, but the "
-                                   "kvtier._copy_engine extension has no IoEngine")
-            return "python"
-        return "threads"
-
     @property
     def _io(self):
-        """The native engine (None: Python I/O); one per process (after a fork the
-        parent's engine, whose threads stayed behind, is set aside, never destroyed)."""
-        if self.io_backend == "python":
-            return None
-        engine = self._engine
-        if engine is None or engine[1] != os.getpid():
-            with self._engine_lock:
-                engine = self._engine
-                if engine is not None and engine[1] != os.getpid():
-                    _FORKED_ENGINES.append(engine[0])
-                    engine = None
-                if engine is None:
-                    engine = (_IoEngine(self.io_threads), os.getpid())
-                    self._engine = engine
-        return engine[0]
+        """The native engine (None: Python I/O)."""
+        return self._engine.get() if self._engine is not None else None
 
     # -- paths ---------------------------------------------------------------
-    def path(self, key: bytes) -> Path:
-        h = key.hex()
+    def name(self, key: bytes) -> bytes:
+        """The 16 bytes ``key``'s record is named by (the key itself without a secret)."""
         if len(key) != KEY_BYTES:
             raise ValueError("bad key length")
+        return self.keys.name(key) if self.keys is not None else key
+
+    def path(self, key: bytes) -> Path:
+        h = self.name(key).hex()
         return self.dir / h[:2] / h
 
     def _probe_o_direct(self, mode: str) -> bool:
@@ -172,7 +174,8 @@ class DiskStore:
         probe = self.tmp / f".probe-{os.getpid()}-{time.monotonic_ns()}"
         page = mmap.mmap(-1, PAGE)   # page-aligned
         try:
-            fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600)
+            fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_WRONLY
+                         | os.O_DIRECT, 0o600)
             try:
                 os.pwrite(fd, page, 0)
             finally:
@@ -189,29 +192,41 @@ class DiskStore:
             probe.unlink(missing_ok=True)
 
     def _tmp_path(self, key: bytes) -> Path:
-        return self.tmp / f"{key.hex()}.{os.getpid()}.{time.monotonic_ns()}"
+        tag = self._tmp_tag or os.getpid()
+        return self.tmp / f"{self.name(key).hex()}.{tag}.{time.monotonic_ns()}"
 
     def _direct_ok(self, addr: int, nbytes: int) -> bool:
         """O_DIRECT for this buffer: on, and address and length page-aligned."""
         return self.o_direct and addr % PAGE == 0 and nbytes % PAGE == 0
 
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._py_pool is None:
+                self._py_pool = ThreadPoolExecutor(self.io_threads,
+                                                   thread_name_prefix="kvtier-store")
+        return self._py_pool
+
     def _py_map(self, fn, items):
         """Python fallback of a batch: the items over ``io_threads`` threads."""
         if len(items) <= 1 or self.io_threads == 1:
             return [fn(*it) for it in items]
-        with self._engine_lock:
-            if self._py_pool is None:
-                self._py_pool = ThreadPoolExecutor(self.io_threads,
-                                                   thread_name_prefix="kvtier-store")
-        return list(self._py_pool.map(lambda it: fn(*it), items))
+        return list(self._pool().map(lambda it: fn(*it), items))
 
     # -- write ---------------------------------------------------------------
+    def seal(self, record, key: bytes, payload_len: int, created: float | None = None) -> None:
+        """Write ``record``'s header (a slot: header then payload) for ``key``: the
+        payload checksum, and with a secret the keyed names and the MAC."""
+        checksum = xxhash.xxh3_64_intdigest(record[HEADER_BYTES:HEADER_BYTES + payload_len])
+        pack_header(record, self.namespace_id, self.name(key), self.rank, self.tp_size,
+                    payload_len, checksum, created, keys=self.keys)
+
     def write(self, key: bytes, record, reuse: bytes | None = None) -> int:
         """Publish ``record`` (header + padded payload, a page-aligned uint8 array).
         ``reuse``: an evicted record's key whose file this write takes over (writes
         over it); else a free file if there is one, else a new file.
 
-        Raises OSError (ENOSPC, EIO, EROFS...) leaving nothing behind.
+        Raises OSError (ENOSPC, EIO, EROFS...; BudgetExceeded on a shared store
+        without room) leaving nothing behind.
         """
         (r,) = self.write_batch([(key, record, reuse)])
         if isinstance(r, BaseException):
@@ -222,11 +237,13 @@ class DiskStore:
         """Publish several records at once: ``[(key, record[, reuse key])]`` -> per
         item the bytes written, or the OSError that left nothing of it behind."""
         items = [(it[0], it[1], it[2] if len(it) > 2 else None) for it in items]
+        if self.budget is not None:
+            return self._write_batch_shared(items)
         if self._io is None:
             return self._py_map(self._write_py_safe, items)
         reqs, keep, tmps = [], [], []
         for key, record, reuse in items:
-            buf = _bytes_view(record, writable=False)
+            buf = pyio.bytes_view(record, writable=False)
             keep.append(buf)
             addr = buf.ctypes.data
             tmp = self._tmp_path(key)
@@ -240,6 +257,73 @@ class DiskStore:
     def _reuse_path(self, reuse: bytes | None) -> str:
         return str(self.path(reuse)) if reuse is not None else self._take_free()
 
+    def _write_batch_shared(self, items: list[tuple]) -> list:
+        """A shared store's writes: the files to take over are renamed and the new
+        bytes reserved under the store lock, the records written (native engine or
+        Python), then published under the lock (kvtier.store.budget)."""
+        budget = self.budget
+        plans: list = []   # per item: (tmp, reserved bytes, reused) or an exception
+        keep = []
+        with budget.locked() as st:
+            for key, record, reuse in items:
+                buf = pyio.bytes_view(record, writable=False)
+                keep.append(buf)
+                tmp = self._tmp_path(key)
+                src = self._reuse_path(reuse)
+                got = budget.take_over(st, Path(src), tmp, buf.nbytes) if src else None
+                if got is not None:
+                    plans.append((tmp, got, True))
+                elif budget.admit(st, buf.nbytes):
+                    plans.append((tmp, buf.nbytes, False))
+                else:
+                    plans.append(BudgetExceeded(buf.nbytes, f" ({self.root})"))
+        todo = [i for i, p in enumerate(plans) if not isinstance(p, BaseException)]
+        errs: dict[int, BaseException] = {}
+        if self._io is not None:
+            reqs = []
+            for i in todo:
+                tmp, _, reused = plans[i]
+                addr = keep[i].ctypes.data
+                reqs.append((str(tmp), "", addr, keep[i].nbytes,
+                             self._direct_ok(addr, keep[i].nbytes), str(tmp) if reused else ""))
+            for i, e in zip(todo, self._io.write_records(reqs, self.fsync) if reqs else []):
+                if e:
+                    errs[i] = OSError(e, os.strerror(e), str(plans[i][0]))
+        else:
+            def fill(i):
+                tmp, _, reused = plans[i]
+                try:
+                    pyio.fill_tmp(tmp, keep[i], reused, self._direct_ok, self.fsync)
+                except OSError as e:
+                    return e
+                return None
+            for i, e in zip(todo, self._py_map(fill, [(i,) for i in todo])):
+                if e is not None:
+                    errs[i] = e
+        out: list = [None] * len(items)
+        dirs = set()
+        with budget.locked() as st:
+            for i, plan in enumerate(plans):
+                if isinstance(plan, BaseException):
+                    out[i] = plan
+                    continue
+                tmp, reserved, _ = plan
+                if i in errs:   # the writer removed its temp file
+                    budget.release(st, reserved)
+                    out[i] = errs[i]
+                    continue
+                final = self.path(items[i][0])
+                try:
+                    budget.publish(st, tmp, final, reserved)
+                    out[i] = keep[i].nbytes
+                    dirs.add(final.parent)
+                except OSError as e:
+                    out[i] = e
+        if self.fsync:
+            for d in dirs:
+                pyio.fsync_dir(d)
+        return out
+
     def _write_py_safe(self, key: bytes, record, reuse: bytes | None = None):
         try:
             return self._write_py(key, record, reuse)
@@ -247,52 +331,8 @@ class DiskStore:
             return e
 
     def _write_py(self, key: bytes, record, reuse_key: bytes | None = None) -> int:
-        final = self.path(key)
-        tmp = self._tmp_path(key)
-        view = memoryview(record).cast("B")
-        addr = _bytes_view(record, writable=False).ctypes.data
-        direct = os.O_DIRECT if self._direct_ok(addr, len(view)) else 0
-        fd = None
-        reuse = self._reuse_path(reuse_key)
-        if reuse:
-            try:
-                os.rename(reuse, tmp)
-                fd = os.open(tmp, os.O_WRONLY | direct)
-            except OSError:   # taken by another writer: a new file
-                tmp.unlink(missing_ok=True)
-                fd = None
-        reused = fd is not None
-        if fd is None:
-            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | direct, 0o600)
-        try:
-            done = 0
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], done)
-            if reused and os.fstat(fd).st_size > len(view):
-                os.ftruncate(fd, len(view))
-            if self.fsync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        try:
-            try:
-                os.replace(tmp, final)
-            except FileNotFoundError:
-                final.parent.mkdir(mode=0o700, exist_ok=True)
-                os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        if self.fsync:   # the rename is durable only once the directory is
-            dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        return len(view)
+        return pyio.write_record(self._tmp_path(key), self.path(key), record,
+                                 self._reuse_path(reuse_key), self._direct_ok, self.fsync)
 
     # -- read ----------------------------------------------------------------
     def read(self, key: bytes, into, payload_len: int) -> None:
@@ -310,10 +350,27 @@ class DiskStore:
         must not overlap (they are filled concurrently)."""
         if self._io is None:
             return self._py_map(self._read_py_safe, items)
+        if self.keys is None or len(items) <= 2 * self.io_threads or self.io_threads == 1:
+            return self._read_native(items)
+        # Authenticated records, many: a part's MACs are checked on the pool's
+        # threads while the native engine reads the next part (hashing and I/O
+        # overlap instead of following each other).
+        out, macs = [], []
+        step = 2 * self.io_threads
+        for start in range(0, len(items), step):
+            out.extend(self._read_native(items[start:start + step], macs, start))
+        for i, fut in macs:
+            out[i] = fut.result()
+        return out
+
+    def _read_native(self, items, macs: list | None = None, offset: int = 0) -> list:
+        """``read_batch`` through the native engine. With a secret, the MACs are
+        checked here (``macs`` None) or handed to the pool: ``(index, future)``
+        appended to ``macs``."""
         reqs, keep, native = [], [], []
         for key, into, payload_len in items:
             want = record_bytes(payload_len)
-            buf = _bytes_view(into, writable=True)
+            buf = pyio.bytes_view(into, writable=True)
             if buf.nbytes < want:   # (a hostile length): the Python path's checks, no overrun
                 native.append(False)
                 continue
@@ -324,25 +381,44 @@ class DiskStore:
                          HEADER_BYTES, payload_len))
         results = iter(zip(reqs, self._io.read_records(reqs)))
         out = []
+        todo = []   # items whose MAC is still to check (off this thread, in parallel)
         for (key, into, payload_len), nat in zip(items, native):
             if not nat:
                 out.append(self._read_py_safe(key, into, payload_len))
                 continue
-            req, (err, got, size, digest) = next(results)
+            req, (err, got, size, digest, not_regular) = next(results)
             want = req[2]
             try:
                 if err == errno.ENOENT:
                     raise RecordError("missing", self.path(key).name)
+                if not_regular or (err and not_regular_error(OSError(err, ""), req[0])):
+                    raise RecordError("not_regular", f"{req[0]} is not a regular file")
                 if err:
                     raise OSError(err, os.strerror(err), req[0])
                 if size < want:
                     raise RecordError("truncated", f"{size} bytes < {want}")
-                check_record(into, self.namespace, key, self.rank, self.tp_size, payload_len, got,
-                             payload_digest=digest)
+                check_record(into, self.namespace_id, self.name(key), self.rank, self.tp_size,
+                             payload_len, got, payload_digest=digest, keys=self.keys, mac=False)
                 out.append(None)
+                if self.keys is not None:
+                    todo.append((len(out) - 1, into, payload_len))
             except (RecordError, OSError) as e:
                 out.append(e)
+        if macs is not None:
+            pool = self._pool()
+            macs.extend((offset + i, pool.submit(self._mac_error, i, into, plen))
+                        for i, into, plen in todo)
+        elif todo:
+            for (i, _, _), e in zip(todo, self._py_map(self._mac_error, todo)):
+                out[i] = e
         return out
+
+    def _mac_error(self, i: int, into, payload_len: int) -> RecordError | None:
+        try:
+            check_mac(into, self.keys, payload_len)
+            return None
+        except RecordError as e:
+            return e
 
     def _read_py_safe(self, key: bytes, into, payload_len: int):
         try:
@@ -352,53 +428,47 @@ class DiskStore:
             return e
 
     def _read_py(self, key: bytes, into, payload_len: int) -> None:
-        want = record_bytes(payload_len)
-        addr = _bytes_view(into, writable=True).ctypes.data
-        direct = self._direct_ok(addr, want)
-        path = self.path(key)
-        try:
-            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-        except FileNotFoundError:
-            raise RecordError("missing", path.name) from None
-        except OSError as e:   # O_DIRECT refuses to open a directory: EINVAL
-            if e.errno == errno.EINVAL and direct:
-                _refuse_non_file(os.stat(path).st_mode, path)
-            raise
-        try:
-            st = os.fstat(fd)
-            _refuse_non_file(st.st_mode, path)
-            size = st.st_size
-            if size < want:
-                raise RecordError("truncated", f"{size} bytes < {want}")
-            view = memoryview(into).cast("B")[:want]
-            got = 0
-            while got < want:
-                n = os.preadv(fd, [view[got:]], got)
-                if n == 0:
-                    break
-                got += n
-        finally:
-            os.close(fd)
-        check_record(into, self.namespace, key, self.rank, self.tp_size, payload_len, got)
+        got = pyio.read_record(self.path(key), into, record_bytes(payload_len), self._direct_ok)
+        check_record(into, self.namespace_id, self.name(key), self.rank, self.tp_size,
+                     payload_len, got, keys=self.keys)
 
     def touch(self, key: bytes, when: float | None = None) -> None:
         try:
-            os.utime(self.path(key), (when, when) if when else None)
+            os.utime(self.path(key), (when, when) if when else None, follow_symlinks=False)
         except OSError:
             pass
 
     def remove(self, key: bytes) -> bool:
         """Unpublish ``key``'s record: into ``free/`` while it holds fewer than
-        ``free_files`` (a later write overwrites it), else unlinked."""
+        ``free_files`` (a later write overwrites it), else unlinked. Anything but a
+        plain file of ours (a planted symlink, FIFO, hard link) is unlinked."""
         path = self.path(key)
+        if self.budget is not None:
+            with self.budget.locked() as st:
+                dest = self._free_slot(path)
+                if dest is not None and self.budget.rename(st, path, dest):
+                    return True
+                return self.budget.unlink(st, path)
         try:
-            if self.free_files and len(os.listdir(self.free)) < self.free_files:
-                os.rename(path, self.free / f"{key.hex()}.{os.getpid()}.{time.monotonic_ns()}")
+            dest = self._free_slot(path)
+            if dest is not None:
+                os.rename(path, dest)
             else:
                 path.unlink()
             return True
         except FileNotFoundError:
             return False
+
+    def _free_slot(self, path: Path) -> Path | None:
+        """Where ``remove`` keeps ``path`` for a later write (None: unlink it)."""
+        if not self.free_files:
+            return None
+        try:
+            if not own_plain_file(os.lstat(path)) or len(os.listdir(self.free)) >= self.free_files:
+                return None
+        except OSError:
+            return None
+        return self.free / f"{path.name}.{os.getpid()}.{time.monotonic_ns()}"
 
     def _take_free(self) -> str:
         """A free file for a write to overwrite ("" none). Another writer may take
@@ -463,63 +533,40 @@ class DiskStore:
         return dict(zip(keys, mtimes))
 
     def _scan_lists(self) -> tuple[list[bytes], list[int], list[float]]:
+        keys, sizes, mtimes = self._scan_names()
+        if self.keys is not None:   # names -> keys (the keyed permutation's inverse)
+            key_of = self.keys.key_of
+            keys = [key_of(n) for n in keys]
+        return keys, sizes, mtimes
+
+    def _scan_names(self) -> tuple[list[bytes], list[int], list[float]]:
         if self.io_backend != "python":
-            err, blob, sizes, mtimes = _scan_records(str(self.dir), KEY_BYTES, self.io_threads)
+            err, blob, sizes, mtimes = scan_records(str(self.dir), KEY_BYTES, self.io_threads)
             if err and err != errno.ENOENT:
                 raise OSError(err, os.strerror(err), str(self.dir))
             keys = [blob[i:i + KEY_BYTES] for i in range(0, len(blob), KEY_BYTES)]
             return keys, sizes, mtimes
-        keys, sizes, mtimes = [], [], []
-        try:
-            subdirs = list(os.scandir(self.dir))
-        except FileNotFoundError:
-            return keys, sizes, mtimes
-        for sub in subdirs:
-            if len(sub.name) != 2 or not sub.is_dir(follow_symlinks=False):
-                continue
-            for f in os.scandir(sub.path):
-                name = f.name
-                if len(name) != 2 * KEY_BYTES or name[:2] != sub.name or name != name.lower():
-                    continue
-                try:
-                    key = bytes.fromhex(name)
-                    st = f.stat(follow_symlinks=False)
-                except (ValueError, OSError):
-                    continue
-                if len(key) != KEY_BYTES or not stat.S_ISREG(st.st_mode):
-                    continue
-                keys.append(key)
-                sizes.append(st.st_size)
-                mtimes.append(st.st_mtime)
-        return keys, sizes, mtimes
+        return pyio.scan_names(self.dir, KEY_BYTES)
 
     def sweep_temp(self, older_than: float = 600.0) -> int:
-        """Remove temp files left by crashed writers (live writers' are younger)."""
+        """Remove temp files left by crashed writers (live writers' are younger; on a
+        shared store a live process's are never removed: its budget covers them)."""
         n = 0
         cutoff = time.time() - older_than
         for f in os.scandir(self.tmp):
             try:
-                if f.stat().st_mtime < cutoff:
+                if f.stat(follow_symlinks=False).st_mtime >= cutoff:
+                    continue
+                if self.budget is None:
                     os.unlink(f.path)
                     n += 1
+                    continue
+                with self.budget.locked() as st:
+                    if not self.budget.is_live_temp(st, f.name):
+                        n += self.budget.unlink(st, Path(f.path))
             except OSError:
                 pass
         return n
-
-
-def _bytes_view(obj, writable: bool) -> np.ndarray:
-    """``obj``'s bytes as a flat uint8 array sharing its memory (for its address)."""
-    if isinstance(obj, np.ndarray) and obj.dtype == np.uint8 and obj.ndim == 1 \
-            and obj.flags.c_contiguous:
-        a = obj
-    else:
-        m = memoryview(obj)
-        if not m.c_contiguous:
-            raise ValueError("record buffers must be contiguous")
-        a = np.frombuffer(m.cast("B") if m.format != "B" or m.ndim != 1 else m, dtype=np.uint8)
-    if writable and not a.flags.writeable:
-        raise ValueError("read buffer is read-only")
-    return a
 
 
 def is_space_error(e: OSError) -> bool:

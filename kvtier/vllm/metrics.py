@@ -38,6 +38,9 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                    ("reason",)),
     "kvtier_checksum_failures_total": ("counter", "Records rejected by checksum or header checks",
                                        ()),
+    "kvtier_bad_mac_records_total": ("counter", "Records rejected because their MAC did not "
+                                     "verify (written without the store's secret: planted or "
+                                     "damaged); recomputed and removed", ()),
     "kvtier_skipped_stores_total": ("counter", "Stores skipped (backpressure), by reason",
                                     ("reason",)),
     "kvtier_io_errors_total": ("counter", "Disk I/O errors (ENOSPC, EIO, ...)", ()),
@@ -63,7 +66,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "kvtier_load_seconds": ("histogram", "Latency of one load batch from a tier", ("tier",)),
 }
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-CHECKSUM_REASONS = ("checksum", "bad_header", "truncated", "wrong_key", "wrong_namespace")
+CHECKSUM_REASONS = ("checksum", "bad_header", "truncated", "wrong_key", "wrong_namespace",
+                    "bad_mac", "not_regular")
 
 
 def labels_key(labels: dict[str, str]) -> str:

@@ -45,7 +45,7 @@ from kvtier.vllm.metadata import (FROM_SLOT, NO_SLOT, READ, STREAM, WRITE_ONLY, 
                                   KVTierWorkerMeta, LoadItem, LoadJob, StoreItem, StoreJob)
 from kvtier.vllm.metrics import CHECKSUM_REASONS, StatsRecorder
 from kvtier.store.slots import SlotGeometry
-from kvtier.store.disk import DiskStore
+from kvtier.store.disk import DiskStore, store_options
 from kvtier.store.sweeper import Sweeper
 
 
@@ -163,7 +163,7 @@ class KVTierScheduler:
         self.sweeper: Sweeper | None = None
         if self.ledger.disk is not None:
             self.rank_stores = [DiskStore(cfg.disk_path, namespace, r, tp_size,
-                                          o_direct="off", free_files=spare)
+                                          o_direct="off", free_files=spare, **store_options(cfg))
                                 for r in range(tp_size)]
             self.sweeper = Sweeper(self.rank_stores, self.ledger, self._lock, clock)
             found = self.sweeper.recover()
@@ -704,7 +704,7 @@ class KVTierScheduler:
             if block is not None and block.state is State.READY:
                 L.drop_disk(block)
         for reason, n in meta.fail_reasons.items():
-            if reason in ("backpressure", "gather"):
+            if reason in ("backpressure", "gather", "store_full"):
                 self.stats.inc("kvtier_skipped_stores_total", n, reason=reason)
             elif reason == "write_error":
                 self.stats.inc("kvtier_io_errors_total", n)
@@ -712,6 +712,8 @@ class KVTierScheduler:
                 self.stats.inc("kvtier_load_failures_total", n, reason=reason)
                 if reason in CHECKSUM_REASONS:
                     self.stats.inc("kvtier_checksum_failures_total", n)
+                    if reason == "bad_mac":   # written without the store's secret
+                        self.stats.inc("kvtier_bad_mac_records_total", n)
                 elif reason == "io_error":
                     self.stats.inc("kvtier_io_errors_total", n)
         for kind, ranks in meta.copy_engines.items():   # each rank's, once at start-up

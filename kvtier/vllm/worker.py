@@ -58,7 +58,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-import xxhash
 
 from kvtier.config import KVTierConfig
 from kvtier.copy.engine import HostPool, KVLayout
@@ -66,8 +65,9 @@ from kvtier.copy.choose import make_copy_engine
 from kvtier.vllm.metadata import (FROM_SLOT, NO_SLOT, READ, STREAM, WRITE_ONLY, KVTierMetadata,
                                   KVTierWorkerMeta, LoadJob, StoreItem, StoreJob)
 from kvtier.store.slots import SlotGeometry
-from kvtier.store.disk import DiskStore
-from kvtier.store.record import HEADER_BYTES, RECORD_FAULTS, RecordError, pack_header
+from kvtier.store.budget import BudgetExceeded
+from kvtier.store.disk import DiskStore, store_options
+from kvtier.store.record import HEADER_BYTES, RECORD_FAULTS, RecordError
 
 log = logging.getLogger("vllm.kvtier.worker")
 
@@ -171,7 +171,7 @@ class KVTierWorker:
         if self.cfg.disk_enabled:
             self.store = DiskStore(self.cfg.disk_path, self.namespace, self.rank, self.tp_size,
                                    o_direct=self.cfg.o_direct, fsync=self.cfg.fsync,
-                                   io_threads=self.cfg.io_threads)
+                                   io_threads=self.cfg.io_threads, **store_options(self.cfg))
             self.store.start()
         self._copy_thread = threading.Thread(target=self._copy_loop, name="kvtier-copy",
                                              daemon=True)
@@ -341,10 +341,12 @@ class KVTierWorker:
             if self._slot_key[it.slot] != it.key:   # never write bytes of another block
                 raise _SlotMismatch(f"slot {it.slot} does not hold block {it.key.hex()} "
                                     f"on rank {self.rank}: not written")
-            checksum = xxhash.xxh3_64_intdigest(rec[HEADER_BYTES:HEADER_BYTES + plen])
-            pack_header(rec, self.namespace, it.key, self.rank, self.tp_size, plen, checksum)
+            self.store.seal(rec, it.key, plen)   # header, checksum (and MAC: secret_file)
             self.store.write(it.key, rec[:self.geometry.record_bytes], reuse=it.reuse)
             ok = True
+        except BudgetExceeded:   # a shared store without room: no backoff (it is trimmed)
+            with self._lock:
+                self._count(self._out.fail_reasons, "store_full")
         except OSError as e:
             log.warning("kvtier: disk write failed (%s); skipping disk stores for %.0f s",
                         e, DISK_BACKOFF_S)

@@ -112,3 +112,34 @@ def test_misuse_is_caught(bad):
     L.end_store(b, True)
     with pytest.raises(AssertionError):
         L.unpin_dram(b)
+
+
+def test_the_disk_budget_changes_at_run_time():
+    """A shared store's share (kvtier.store.budget) moves: a smaller budget evicts
+    LRU now, never a pinned or kept block (the budget set is then at least theirs)."""
+    L = Ledger(4, 10 * REC, REC, max_kept_bytes=10 * REC)
+    blocks = []
+    for i in range(10):
+        b, _ = L.begin_write(k(i), float(i))
+        L.end_write(b, True)
+        blocks.append(b)
+    pinned = L.pin(blocks[1])                       # an old block a read still holds
+    assert L.keep(k(2), 100.0, "t", 10.0)           # an old block kept until t=100
+    assert L.set_disk_budget(4 * REC, 20.0) == 4 * REC
+    gone = L.take_removals()
+    assert len(gone) == 6 and k(1) not in gone and k(2) not in gone   # LRU, pinned/kept stay
+    for key in gone:
+        L.removed(key)
+    L.check()
+    assert L.disk.used == 4 * REC
+    L.unpin_disk(pinned)
+    assert L.set_disk_budget(REC, 21.0) == REC      # the kept one stays: its size at least
+    for key in L.take_removals():
+        L.removed(key)
+    L.check()
+    assert L.servable(k(2), 21.0) == "disk" and L.disk.used == REC
+    assert L.set_disk_budget(0, 22.0) == REC        # never below what is kept
+    assert L.set_disk_budget(10 * REC, 23.0) == 10 * REC
+    b, victim = L.begin_write(k(99), 24.0)
+    assert b is not None and victim is None         # room again: no eviction
+

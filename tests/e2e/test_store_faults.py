@@ -15,11 +15,12 @@ import urllib.request
 import pytest
 
 from kvtier.serving import metric_value
+from kvtier.store.claim import META_DIR
 from kvtier.store.record import HEADER_BYTES, pack_header, parse_header
 from kvtier.store.tool import cmd_verify
 from tests.conftest import needs_vllm
 from tests.helpers import (BLOCKS_PER_PROMPT, FULL_BLOCK_TOKENS, RECORD_BYTES, cached, prompts,
-                           records, server, text, tmpfs, wait_records)
+                           records, server, shared_store_config, text, tmpfs, wait_records)
 
 pytestmark = [pytest.mark.e2e, needs_vllm]
 
@@ -136,8 +137,9 @@ def test_kill_9_while_writing_then_restart(model_dir, tmp_path):
 
 def test_two_servers_share_one_store(model_dir, tmp_path):
     store, ps = tmp_path / "store", prompts(4, seed=15)
-    with server(model_dir, store, tmp_path / "a.log") as a, \
-            server(model_dir, store, tmp_path / "b.log") as b:
+    shared = shared_store_config(tmp_path)   # several engines on one store: shared + secret
+    with server(model_dir, store, tmp_path / "a.log", **shared) as a, \
+            server(model_dir, store, tmp_path / "b.log", **shared) as b:
         results = {}
 
         def run(name, srv):
@@ -159,13 +161,23 @@ def test_two_servers_share_one_store(model_dir, tmp_path):
         assert text(r) == ref
         assert cached(r) >= 0.95 * FULL_BLOCK_TOKENS
         assert metric_value(b.metrics(), "kvtier_hit_tokens_total", tier="disk") > 0
+        # Tenants stay apart on a shared store: A's tenant-a prefix is a miss for
+        # tenant-b on B, and a hit for tenant-a there.
+        salted = prompts(1, seed=17)[0]
+        n = len(records(store))
+        ref = text(a.complete(salted, cache_salt="tenant-a"))
+        wait_records(store, n + BLOCKS_PER_PROMPT)
+        time.sleep(1.0)
+        assert cached(b.complete(salted, cache_salt="tenant-b")) == 0
+        r = b.complete(salted, cache_salt="tenant-a")
+        assert text(r) == ref and cached(r) >= 0.95 * FULL_BLOCK_TOKENS
 
 
 def record_paths(model_dir, store, prompt):
     """Where kvtier puts ``prompt``'s records: keys are stable, so a test can compute them."""
     from kvtier.cache.keys import chain_keys, root_key
     from kvtier.store.disk import DiskStore
-    (ns_dir,) = [d for d in store.iterdir() if d.is_dir()]   # the server's namespace
+    (ns_dir,) = [d for d in store.iterdir() if d.is_dir() and d.name != META_DIR]   # the server's namespace
     ns = bytes.fromhex(ns_dir.name)
     ds = DiskStore(store, ns, 0, 1)
     return [ds.path(k) for k in chain_keys(root_key(ns), prompt[:FULL_BLOCK_TOKENS], 32)]

@@ -25,6 +25,7 @@ import urllib.request
 import pytest
 
 from kvtier.serving import Server, cpu_defaults, metric_value
+from kvtier.store.claim import META_DIR
 from kvtier.store.tool import cmd_verify
 from tests.conftest import needs_vllm
 from tests.helpers import RECORD_BYTES, same_greedy
@@ -157,7 +158,7 @@ def test_agentic_stress_with_restart_disconnects_and_read_faults(model_dir, tmp_
         + metric_value(m2, "kvtier_load_failures_total", reason="io_error") > 0
     assert cmd_verify(store, delete=False, as_json=True) == 0
     # The system prompts' records survived everything (restart, faults, evictions).
-    (ns_dir,) = [d for d in store.iterdir() if d.is_dir()]
+    (ns_dir,) = [d for d in store.iterdir() if d.is_dir() and d.name != META_DIR]
     from kvtier.cache.keys import chain_keys, root_key
     from kvtier.store.disk import DiskStore
     ds = DiskStore(store, bytes.fromhex(ns_dir.name), 0, 1)

@@ -84,12 +84,13 @@ def corrupt(model, opts, prompts):
     from pathlib import Path
 
     from kvtier.cache.keys import chain_keys, root_key
+    from kvtier.store.claim import META_DIR
     from kvtier.store.disk import DiskStore
     from kvtier.store.record import HEADER_BYTES
 
     c = opts["corrupt"]
     store = Path(opts["extra"]["disk_path"])
-    (ns_dir,) = [d for d in store.iterdir() if d.is_dir()]   # this engine's namespace
+    (ns_dir,) = [d for d in store.iterdir() if d.is_dir() and d.name != META_DIR]   # this engine's namespace
     ns = bytes.fromhex(ns_dir.name)
     keys = chain_keys(root_key(ns), prompts[c["prompt"]], 32)
     path = DiskStore(store, ns, c["rank"], opts.get("tp", 1)).path(keys[c["block"]])
