@@ -46,8 +46,8 @@ rate over time) and ``reprefill.png`` (how many times each KV block was
 prefilled again). The last line printed is one JSON object of the headline.
 
 Usage:
-    python -m benchmarks.compare                      # closed loop, ~25 min on 2 cores
-    python -m benchmarks.compare --set arrival=poisson --set rate=1.0
+    python -m benchmarks.compare --out-docs docs/img  # closed loop, ~12 min on 2 cores
+    python -m benchmarks.compare --set arrival=poisson --set rate=0.5
     python -m benchmarks.compare --smoke              # tiny scale, ~1 min per config
     python -m benchmarks.compare --configs baseline,ideal --out results/x
     python -m benchmarks.compare --plots-only results/compare --out-docs docs/img
@@ -97,28 +97,31 @@ SERVER_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU":
 class Profile:
     """Everything that sets the scale of a comparison run."""
 
-    # model (kvtier.tinymodel.TinyLlama fields)
+    # model (kvtier.tinymodel.TinyLlama fields): ~20M parameters, 3 KiB of KV per
+    # token. Big enough that prefill dominates a step on a CPU (prefill ~6k tok/s,
+    # batched decode ~500 tok/s on one core of the project's VM, the ratio of an
+    # 8B model on a GPU), small enough for a run of ~12 minutes.
     model: dict = field(default_factory=lambda: dict(
-        hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
-        intermediate_size=512))
+        hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=2, head_dim=64,
+        intermediate_size=1024))
     block_size: int = 32
     # workload scaling
     tokens_per_hash: int = 2
-    max_context: int = 4000
+    max_context: int = 2500
     output_scale: float = 0.1
-    max_output_tokens: int = 32
-    time_scale: float = 0.1
-    max_think: float = 5.0
+    max_output_tokens: int = 16
+    time_scale: float = 0.03               # think times x0.03 (capped at max_think): the
+    max_think: float = 5.0                 # server, not the think times, sets the makespan
     timing: str = "think"
     sampling: str = "sequential"
     max_turns: int = 16                    # first N turns of every agent of a session
     # the fixed request set (sessions > 0) and how it arrives
-    sessions: int = 120
+    sessions: int = 64
     arrival: str = "closed"                # closed | poisson
     users: int = 32                        # closed loop: concurrent users
-    rate: float = 1.0                      # poisson: sessions started per second
+    rate: float = 0.5                      # poisson: sessions started per second
     arrival_seed: int = 0
-    time_limit: float = 1800.0             # s per configuration, then recorded incomplete
+    time_limit: float = 900.0              # s per configuration, then recorded incomplete
     # timed mode (sessions == 0, or --duration): users replay for `duration` s;
     # --set ramp_step=2 ramps users inside the SLO.
     duration: float = 200.0

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+from ..stamp import stamp
 from .runner import ARRIVALS, TIMINGS, LoadConfig, run_load
 from .slo import SLO
 from .synthetic import SwarmConfig, TraceStats, swarm_sessions
@@ -110,6 +111,8 @@ def headline(doc: dict) -> dict:
     if s["mode"] == "fixed":
         out |= {"makespan_s": s["makespan_s"], "complete": s["complete"],
                 "request_set": s["request_set"]}
+    if "stamp" in doc:
+        out["stamp"] = doc["stamp"]
     return out
 
 
@@ -119,8 +122,10 @@ def main(argv=None) -> int:
                              a.max_traces, a.swarm_sessions,
                              SwarmConfig(high_watermark=a.high_watermark), a.max_turns)
     print(f"[loadgen] workload {workload.describe()}", file=sys.stderr)
+    st = stamp()   # when the run starts
     doc = asyncio.run(run_load(a.url, workload, config_from_args(a), a.model))
     doc["args"] = vars(a)
+    doc["stamp"] = st
     doc["workload"] = workload.describe()
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
