@@ -21,6 +21,12 @@ sent to last answer); every configuration's request-set digest is checked to
 be the same. ``--duration S`` instead runs the older timed mode (users replay
 for ``S`` seconds, so faster configurations serve more requests).
 
+**What else ran.** Configurations run one after the other; on a shared machine
+other work can slow one and not the next. Each configuration's record says how
+much of the machine other processes took during its load
+(``others_cpu_share``, :mod:`benchmarks.busy`), the CPU seconds its server
+used, and vLLM's mean queue and prefill time per request.
+
 **Batching configuration.** The "GPU" KV cache of the small-cache rows holds
 ``gpu_cache_contexts`` (default 4) maximal contexts, so every configuration can
 batch; the working set of the request set (distinct prompt blocks) is reported
@@ -78,6 +84,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks import stamp as stamp_mod
+from benchmarks.busy import BusyMeter
 from benchmarks.loadgen import (SLO, LoadConfig, Scale, describe_request_set, make_workload,
                                 run_load)
 
@@ -328,7 +335,11 @@ def run_config(cfg: dict, p: Profile, args, model_dir: Path, out: Path) -> dict:
         what = (f"{p.sessions} sessions, {p.arrival} loop" if p.fixed
                 else f"{p.duration:.0f} s")
         log(f"[compare] {cfg['name']}: healthy after {rec['startup_s']:.0f} s; load: {what}")
-        doc = asyncio.run(run_load(url, workload(p, args), load_config(p), MODEL_NAME))
+        wl = workload(p, args)
+        meter = BusyMeter([server.proc.pid])
+        meter.start()
+        doc = asyncio.run(run_load(url, wl, load_config(p), MODEL_NAME))
+        rec["machine_during_load"] = meter.stop()
         (out / "runs" / f"{cfg['name']}.json").write_text(json.dumps(doc, indent=1))
         s = doc["summary"]
         ok_reqs = [r for r in doc["requests"] if r["ok"]]
@@ -366,6 +377,11 @@ def run_config(cfg: dict, p: Profile, args, model_dir: Path, out: Path) -> dict:
             f"{_fmt(s['hit_rate'])}, ttft p50/p95/p99 {_fmt(s['ttft'].get('p50'))}/"
             f"{_fmt(s['ttft'].get('p95'))}/{_fmt(s['ttft'].get('p99'))} s, preemptions "
             f"{_fmt(s.get('preemptions'), '.0f')}, re-prefilled blocks {s['reprefilled_blocks']}")
+        srv, busy = s.get("server") or {}, rec.get("machine_during_load") or {}
+        log(f"[compare] {cfg['name']}: queue {_fmt(srv.get('queue_time_s_mean'))} s and prefill "
+            f"{_fmt(srv.get('prefill_time_s_mean'))} s per request (mean); server CPU "
+            f"{_fmt(busy.get('measured_cpu_s'), '.0f')} s; other work took "
+            f"{_fmt(busy.get('others_cpu_share'), '.0%')} of the machine")
     return rec
 
 
@@ -451,6 +467,12 @@ def headline(recs: list[dict], p: Profile, out: Path, rset: dict | None = None) 
              "max_users_within_slo": s["max_users_within_slo"]}
         if s["mode"] == "fixed":
             c["makespan_s"] = round(s["makespan_s"], 1)
+        srv = s.get("server") or {}
+        c["queue_s_mean"] = _r(srv.get("queue_time_s_mean"))     # waiting for KV room etc.
+        c["prefill_s_mean"] = _r(srv.get("prefill_time_s_mean"))
+        busy = r.get("machine_during_load") or {}
+        c["server_cpu_s"] = busy.get("measured_cpu_s")
+        c["others_cpu_share"] = busy.get("others_cpu_share")     # the machine's other work
         src = {k: int(v) for k, v in (s.get("cached_by_source") or {}).items() if v}
         if src:
             c["cached_by_source"] = src
@@ -467,7 +489,8 @@ CSV_FIELDS = ["name", "status", "output_tok_s", "makespan_s", "hit_rate", "hit_r
               "ttft_p50", "ttft_p95", "ttft_p99", "tpot_p50", "requests_ok", "requests_failed",
               "requests_expected", "preemptions", "cached_device", "cached_host",
               "cached_disk", "cached_external", "cache_blocks", "working_set_blocks",
-              "reprefilled_blocks", "tok_s_vs_ideal", "tok_s_vs_baseline", "error"]
+              "reprefilled_blocks", "tok_s_vs_ideal", "tok_s_vs_baseline", "queue_s_mean",
+              "prefill_s_mean", "server_cpu_s", "others_cpu_share", "error"]
 
 
 def write_csv(path: Path, recs: list[dict], head: dict) -> None:
@@ -498,7 +521,10 @@ def write_csv(path: Path, recs: list[dict], head: dict) -> None:
                     working_set_blocks=s["working_set_blocks"],
                     reprefilled_blocks=s["reprefilled_blocks"],
                     tok_s_vs_ideal=hc.get("tok_s_vs_ideal"),
-                    tok_s_vs_baseline=hc.get("tok_s_vs_baseline"))
+                    tok_s_vs_baseline=hc.get("tok_s_vs_baseline"),
+                    queue_s_mean=hc.get("queue_s_mean"), prefill_s_mean=hc.get("prefill_s_mean"),
+                    server_cpu_s=hc.get("server_cpu_s"),
+                    others_cpu_share=hc.get("others_cpu_share"))
             w.writerow(row)
 
 

@@ -95,3 +95,13 @@ def test_plots_are_written_from_a_compare_document(tmp_path):
     assert files == ["compare-" + f for f in C.PLOTS]
     for f in files:
         assert (tmp_path / f).stat().st_size > 5000
+
+
+def test_headline_carries_queue_time_and_the_machine_s_other_work():
+    rs = recs()
+    rs[1]["summary"]["server"] = {"queue_time_s_mean": 1.23456, "prefill_time_s_mean": 0.5}
+    rs[1]["machine_during_load"] = {"measured_cpu_s": 80.0, "others_cpu_share": 0.25}
+    c = C.headline(rs, profile(), "out", None)["configs"]
+    assert (c["kvtier-nvme"]["queue_s_mean"], c["kvtier-nvme"]["prefill_s_mean"]) == (1.235, 0.5)
+    assert (c["kvtier-nvme"]["server_cpu_s"], c["kvtier-nvme"]["others_cpu_share"]) == (80.0, 0.25)
+    assert c["baseline"]["queue_s_mean"] is None and c["baseline"]["others_cpu_share"] is None

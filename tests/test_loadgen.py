@@ -389,6 +389,10 @@ vllm:prompt_tokens_cached_by_source_total{engine="0",model_name="m",source="host
 vllm:prompt_tokens_cached_by_source_total{engine="0",model_name="m",source="disk"} 100.0
 vllm:kv_cache_usage_perc{engine="0",model_name="m \\"x\\""} 0.5
 vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="m"} 12.0
+vllm:request_queue_time_seconds_sum{engine="0",model_name="m"} 30.0
+vllm:request_queue_time_seconds_count{engine="0",model_name="m"} 12.0
+vllm:request_prefill_time_seconds_sum{engine="0",model_name="m"} 6.0
+vllm:request_prefill_time_seconds_count{engine="0",model_name="m"} 12.0
 """
 
 
@@ -406,6 +410,11 @@ def test_prometheus_parsing_and_delta():
     assert d["prompt_tokens"] == 400 and d["cached_tokens"] == 200
     assert d["cached_by_source"]["host"] == 100 and d["cached_by_source"]["device"] == 0
     assert d["hit_rate"] == pytest.approx(0.5)
+    assert after["queue_time_n"] == 12 and d["queue_time_s_mean"] is None   # no requests
+    before2 = server_counters(SAMPLE.replace("} 30.0", "} 10.0").replace("} 12.0", "} 4.0"))
+    d2 = counters_delta(before2, after)
+    assert d2["queue_time_s_mean"] == pytest.approx(20.0 / 8)             # this run's own
+    assert d2["prefill_time_s_mean"] == pytest.approx(0.0)                 # 6 - 6 over 8
     assert counters_delta(None, after) is None
 
 
