@@ -21,18 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import time
 
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
+from benchmarks.stamp import line, stamp
 
 
 def main(argv=None) -> int:
@@ -40,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=128 * 1024)
     p.add_argument("--samples", type=int, default=9)
     a = p.parse_args(argv)
+    st = stamp()
+    print(f"lookup: {line(st)}", flush=True)
 
     from vllm.sampling_params import SamplingParams
     from vllm.utils.hashing import sha256
@@ -87,9 +81,7 @@ def main(argv=None) -> int:
         return {"median_ms": round(statistics.median(xs), 3), "min_ms": round(min(xs), 3),
                 "max_ms": round(max(xs), 3)}
     out = {"benchmark": "lookup", "tokens": a.tokens, "blocks": n, "samples": a.samples,
-           **{f"{k}_lookup": summary(v) for k, v in times.items()},
-           "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-           "commit": commit(), "date": time.strftime("%Y-%m-%d")}
+           **{f"{k}_lookup": summary(v) for k, v in times.items()}, "stamp": st}
     print(f"lookup of a {a.tokens}-token prompt ({n} blocks, hybrid, half the window "
           f"records missing), {a.samples} samples:")
     for k in times:

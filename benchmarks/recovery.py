@@ -36,12 +36,14 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from kvtier.config import KVTierConfig
-from kvtier.copy.engine import HostPool
-from kvtier.vllm.scheduler import KVTierScheduler
-from kvtier.store.slots import SlotGeometry
-from kvtier.store.disk import DiskStore
-from kvtier.store.record import HEADER_BYTES, pack_header, record_bytes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script
+from benchmarks.stamp import line, stamp  # noqa: E402
+from kvtier.config import KVTierConfig  # noqa: E402
+from kvtier.copy.engine import HostPool  # noqa: E402
+from kvtier.store.disk import DiskStore  # noqa: E402
+from kvtier.store.record import HEADER_BYTES, pack_header, record_bytes  # noqa: E402
+from kvtier.store.slots import SlotGeometry  # noqa: E402
+from kvtier.vllm.scheduler import KVTierScheduler  # noqa: E402
 
 NS = bytes.fromhex("6b7674696572207265636f7665727921")   # "kvtier recovery!"
 PAYLOAD = 4096
@@ -151,6 +153,8 @@ def main() -> None:
     if args.child:
         measure_child(root, args.blocks, args.child)
         return
+    st = stamp()
+    print(f"recovery: {line(st)}", flush=True)
     have = count_records(root)
     if have != args.blocks:
         shutil.rmtree(root, ignore_errors=True)
@@ -186,7 +190,7 @@ def main() -> None:
     out = {"blocks": args.blocks, "recover_warm_s": round(med(warm), 3),
            "scan_warm_s": round(med(scans), 3),
            "recover_cold_s": round(med(cold), 3) if cold else None,
-           "target_s": 2.0, "ok": med(warm) < 2.0}
+           "target_s": 2.0, "ok": med(warm) < 2.0, "stamp": st}
     print()
     print(json.dumps(out))
 

@@ -55,10 +55,12 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from kvtier.store import disk as store_mod
-from kvtier.copy.engine import HostPool
-from kvtier.store.disk import DiskStore
-from kvtier.store.record import HEADER_BYTES, pack_header, record_bytes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script
+from benchmarks.stamp import line, stamp  # noqa: E402
+from kvtier.copy.engine import HostPool  # noqa: E402
+from kvtier.store import disk as store_mod  # noqa: E402
+from kvtier.store.disk import DiskStore  # noqa: E402
+from kvtier.store.record import HEADER_BYTES, pack_header, record_bytes  # noqa: E402
 
 GB = 1e9
 MiB = 1 << 20
@@ -351,6 +353,8 @@ def main() -> None:
     p.add_argument("--allow-tmpfs", action="store_true")
     args = p.parse_args()
 
+    st = stamp()
+    print(f"store_io: {line(st)}", flush=True)
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
     fstype, dev = fs_of(d)
@@ -392,6 +396,7 @@ def main() -> None:
     figures["o_direct"] = all(r["o_direct"] for r in results.values())
     figures["fio"] = bool(fio)
     figures["threads"] = args.threads
+    figures["stamp"] = st
     print()
     print(json.dumps(figures))
 

@@ -34,23 +34,15 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import random
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.stamp import line, stamp
+
 BLOCK = 32
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
 
 
 def make_llm(model: str, max_len: int, extra: dict | None, gpu_blocks: int | None = None):
@@ -274,9 +266,10 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="kvtier-ttft-"))
     model = str(write_model(work / "model", BENCH_LLAMA))
     rng = random.Random(0)
+    st = stamp()
+    print(f"ttft_reload: {line(st)}", flush=True)
     out = {"benchmark": "ttft_reload", "samples": a.samples, "model": "~100M Llama (8x1024)",
-           "machine": f"{platform.node()} {os.cpu_count()} cores", "commit": commit(),
-           "date": time.strftime("%Y-%m-%d"), "ttft": []}
+           "ttft": []}
     for n in (int(x) for x in a.prompt_tokens.split(",")):
         r = run_ttft(model, n, a.samples, work, rng)
         out["ttft"].append(r)
@@ -293,6 +286,7 @@ def main(argv=None) -> int:
         out["no_reuse_throughput"] = t
         print(f"no reuse: vLLM {t['vllm_median']} tok/s, kvtier {t['kvtier_median']} tok/s, "
               f"ratio median {t['ratio_median']} [{t['ratio_min']}, {t['ratio_max']}]")
+    out["stamp"] = st
     print(json.dumps(out))
     return 0
 

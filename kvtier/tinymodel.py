@@ -69,6 +69,16 @@ BENCH_LLAMA = TinyLlama(
 )
 
 
+# The demo's model (``kvtier demo``): ~3M parameters (4 layers, hidden 256, 2 KV
+# heads of 64: 2 KiB of KV per token). Big enough that recomputing a 6,000-token
+# context costs far more than reading its 12 MiB of KV back; small enough that
+# the demo runs in about a minute on two CPU cores.
+DEMO_LLAMA = TinyLlama(
+    hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
+    intermediate_size=512,
+)
+
+
 def _write_tokenizer(path: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 

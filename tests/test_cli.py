@@ -168,3 +168,76 @@ def test_store_stats_verify_gc(tmp_path, capsys):
     left = sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and len(p.name) == 32)
     assert left == sorted([(4).to_bytes(16, "big").hex(), (5).to_bytes(16, "big").hex()] * 2)
     assert main(["store", "gc", str(tmp_path / "nope")]) == 2
+
+
+# ------------------------------------------------------------------ demo (no vLLM)
+
+class FakeDemoServer:
+    """Serves a prompt it has seen before as a hit from ``source`` (50 ms),
+    anything else as a recompute (500 ms) on a fake clock; /metrics reports
+    vLLM's cached-tokens-by-source counter."""
+
+    def __init__(self, seen: set, source: str, clock: list):
+        self.seen, self.source, self.clock = seen, source, clock
+        self.by_source: dict[str, int] = {}
+        self.calls: list[tuple] = []
+
+    def complete(self, prompt, max_tokens):
+        key = tuple(prompt)
+        hit = key in self.seen
+        cached = (len(prompt) - 1) // 32 * 32 if hit else 0
+        if hit:
+            self.by_source[self.source] = self.by_source.get(self.source, 0) + cached
+        self.seen.add(key)
+        self.calls.append((key, hit))
+        self.clock[0] += 0.05 if hit else 0.5
+        return {"usage": {"prompt_tokens": len(prompt),
+                          "prompt_tokens_details": {"cached_tokens": cached}}}
+
+    def metrics(self):
+        return "\n".join(
+            f'vllm:prompt_tokens_cached_by_source_total{{engine="0",model_name="m",'
+            f'source="{k}"}} {float(v)}' for k, v in self.by_source.items())
+
+
+def test_demo_phases_time_each_resend_beside_a_fresh_recompute(capsys):
+    import io
+    import random
+
+    from kvtier.cli import cached_by_source, demo_phase, demo_summary, demo_table
+
+    rng = random.Random(1)
+    contexts = [[rng.randrange(256) for _ in range(200)] for _ in range(4)]
+    fresh_made = []
+
+    def fresh(n):
+        f = [rng.randrange(256) for _ in range(n)]
+        fresh_made.append(tuple(f))
+        return f
+
+    clock, seen, rows, out = [0.0], set(), [], io.StringIO()
+    tick = lambda: clock[0]   # noqa: E731
+    first = FakeDemoServer(seen, "host", clock)
+    demo_phase(first, "cold", contexts, fresh, rows, clock=tick, out=out)
+    demo_phase(first, "dram", contexts, fresh, rows, clock=tick, out=out)
+    restarted = FakeDemoServer(seen, "disk", clock)   # the disk store survived
+    demo_phase(restarted, "disk", contexts, fresh, rows, clock=tick, out=out)
+
+    assert len(rows) == 3 * 4 * 2
+    # the agents' order alternates: recompute first for agents 0, 2; kvtier first for 1, 3
+    assert [r["what"] for r in rows[:4]] == ["recompute", "kvtier", "kvtier", "recompute"]
+    # every recompute is a fresh context of the agent's length, never served from a cache
+    rec = [r for r in rows if r["what"] == "recompute"]
+    assert all(r["cached"] == 0 and r["tokens"] == 200 and not r["source"] for r in rec)
+    assert len(set(fresh_made)) == 12 and not set(fresh_made) & {tuple(c) for c in contexts}
+    s = demo_summary(rows)
+    assert s["cold"]["kvtier_ms"] == s["cold"]["recompute_ms"] == pytest.approx(500.0)
+    assert s["cold"]["kvtier_cached_by_source"] == {}
+    assert s["dram"]["kvtier_ms"] == pytest.approx(50.0)
+    assert s["dram"]["recompute_over_kvtier"] == pytest.approx(10.0)
+    assert s["dram"]["kvtier_cached_by_source"] == {"host": 4 * 192}
+    assert s["disk"]["kvtier_cached_by_source"] == {"disk": 4 * 192}
+    demo_table(s, out=out)
+    text = out.getvalue()
+    assert "3 after a restart" in text and "kvtier disk 768" in text and "10.00x" in text
+    assert cached_by_source(restarted.metrics()) == {"disk": 768.0}

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.loadgen import (SLO, Player, RampController, RequestResult, Scale, Session,
-                                SubAgent, SwarmConfig, TokenMap, TraceStats, Turn, Workload,
-                                block_keys, counters_delta, load_trace, load_traces,
-                                parse_prometheus, percentile, server_counters,
-                                swarm_session)
+from benchmarks.loadgen import (SLO, LoadConfig, Player, RampController, RequestResult, Scale,
+                                Session, SubAgent, SwarmConfig, TokenMap, TraceStats, Turn,
+                                Workload, block_keys, counters_delta, describe_request_set,
+                                load_trace, load_traces, parse_prometheus, percentile,
+                                poisson_arrivals, server_counters, swarm_session)
 from benchmarks.loadgen.synthetic import Quantiles
 from benchmarks.loadgen.workload import SHARED_NAMESPACE
 
@@ -117,6 +117,70 @@ def test_sampling_sequential_random_and_fresh_copies():
     r1 = Workload(sessions, Scale(), "random", seed=3)
     r2 = Workload(sessions, Scale(), "random", seed=3)
     assert [r1.next_session().name for _ in range(10)] == [r2.next_session().name for _ in range(10)]
+
+
+def test_truncated_keeps_first_turns_and_drops_later_subagents():
+    early = Session("c", [turn([50, 51], agent="a1", index=k) for k in range(4)])
+    late = Session("c", [turn([60], agent="a2")])
+    s = Session("c", [turn(range(1, 2 + k), index=k) for k in range(5)],
+                [SubAgent("a1", 1.0, 0.5, 0, early), SubAgent("a2", 9.0, 0.5, 3, late)])
+    t = s.truncated(2)
+    assert [x.index for x in t.turns] == [0, 1]
+    assert [sa.agent_id for sa in t.subagents] == ["a1"]          # a2 followed turn 3
+    assert [x.index for x in t.subagents[0].session.turns] == [0, 1]
+    assert t.num_turns() == 4 and s.num_turns() == 10
+    assert s.truncated(0) is s
+    w = Workload([s], Scale(tokens_per_hash=8), max_turns=3)
+    assert w.sessions[0].num_turns() == 6 and w.describe()["max_turns"] == 3
+
+
+def test_request_set_is_fixed_longest_first_and_fresh_copies():
+    sessions = [Session(n, [turn([1, 2], ns=n, index=k) for k in range(m)])
+                for n, m in (("a", 1), ("b", 3), ("c", 2))]
+    w = Workload(sessions, Scale(), "sequential")
+    first = w.request_set(5)
+    w.next_session(), w.next_session()               # earlier picks change nothing
+    assert w.request_set(5) == first
+    # picks a b c a#1 b#1, longest first, ties in pick order
+    assert [s.turns[0].namespace for s in first] == ["b", "b#1", "c", "a", "a#1"]
+    assert [s.turns[0].namespace for s in w.request_set(5, "in-order")] == \
+        ["a", "b", "c", "a#1", "b#1"]
+    with pytest.raises(ValueError):
+        w.request_set(2, "shortest-first")
+    r = Workload(sessions, Scale(), "random", seed=5)
+    assert r.request_set(6) == r.request_set(6)
+
+
+def test_describe_request_set_counts_distinct_blocks_and_digests_prompts():
+    sc = Scale(tokens_per_hash=32)
+    a = Session("a", [turn([1, 2], ns="a", index=0), turn([1, 2, 3], ns="a", index=1)])
+    b = Session("b", [turn([1, 2], ns="b", index=0)])
+    d = describe_request_set([a, b], sc, 32)
+    # a: blocks 1,2,3 (turn 1 re-uses 1,2); b: its own 1,2 (another namespace)
+    assert (d["sessions"], d["requests"], d["working_set_blocks"]) == (2, 3, 5)
+    assert d["prompt_tokens"] == 7 * 32 and d["output_tokens"] == 3 * 100
+    assert describe_request_set([a, b], sc, 32)["digest"] == d["digest"]
+    b2 = Session("b", [turn([1, 7], ns="b", index=0)])
+    assert describe_request_set([a, b2], sc, 32)["digest"] != d["digest"]
+    assert describe_request_set([b, a], sc, 32)["digest"] != d["digest"]   # order counts
+
+
+def test_poisson_arrivals_are_seeded_exponential():
+    t = poisson_arrivals(4000, 2.0, seed=1)
+    assert t[0] == 0.0 and all(x < y for x, y in zip(t, t[1:]))
+    gaps = [y - x for x, y in zip(t, t[1:])]
+    assert sum(gaps) / len(gaps) == pytest.approx(0.5, rel=0.06)
+    assert sorted(gaps)[len(gaps) // 2] == pytest.approx(0.5 * 0.693, rel=0.08)   # median ln2/rate
+    assert poisson_arrivals(10, 2.0, seed=1) == t[:10]
+    assert poisson_arrivals(10, 2.0, seed=2) != t[:10]
+    with pytest.raises(ValueError):
+        poisson_arrivals(3, 0.0)
+    with pytest.raises(ValueError):
+        LoadConfig(sessions=3, arrival="poisson")          # no rate
+    with pytest.raises(ValueError):
+        LoadConfig(rate=1.0, arrival="poisson")            # no fixed set
+    with pytest.raises(ValueError):
+        LoadConfig(arrival="burst")
 
 
 # ------------------------------------------------------------------ traces, sub-agents
@@ -325,6 +389,10 @@ vllm:prompt_tokens_cached_by_source_total{engine="0",model_name="m",source="host
 vllm:prompt_tokens_cached_by_source_total{engine="0",model_name="m",source="disk"} 100.0
 vllm:kv_cache_usage_perc{engine="0",model_name="m \\"x\\""} 0.5
 vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="m"} 12.0
+vllm:request_queue_time_seconds_sum{engine="0",model_name="m"} 30.0
+vllm:request_queue_time_seconds_count{engine="0",model_name="m"} 12.0
+vllm:request_prefill_time_seconds_sum{engine="0",model_name="m"} 6.0
+vllm:request_prefill_time_seconds_count{engine="0",model_name="m"} 12.0
 """
 
 
@@ -342,6 +410,11 @@ def test_prometheus_parsing_and_delta():
     assert d["prompt_tokens"] == 400 and d["cached_tokens"] == 200
     assert d["cached_by_source"]["host"] == 100 and d["cached_by_source"]["device"] == 0
     assert d["hit_rate"] == pytest.approx(0.5)
+    assert after["queue_time_n"] == 12 and d["queue_time_s_mean"] is None   # no requests
+    before2 = server_counters(SAMPLE.replace("} 30.0", "} 10.0").replace("} 12.0", "} 4.0"))
+    d2 = counters_delta(before2, after)
+    assert d2["queue_time_s_mean"] == pytest.approx(20.0 / 8)             # this run's own
+    assert d2["prefill_time_s_mean"] == pytest.approx(0.0)                 # 6 - 6 over 8
     assert counters_delta(None, after) is None
 
 
@@ -392,68 +465,94 @@ def test_trace_stats_from_traces():
 
 # ------------------------------------------------------------------ end to end, fake server
 
-def test_run_load_against_fake_openai_server(tmp_path):
-    """The whole loop (client SSE parsing, ramp, metrics, summary) on an in-process
-    aiohttp server that streams tokens and reports a simulated prefix-cache hit."""
-    from aiohttp import web
+class FakeServer:
+    """An in-process OpenAI-compatible server that streams tokens and reports a
+    simulated prefix-cache hit; it records every prompt and the concurrency."""
 
-    from benchmarks.loadgen import LoadConfig, run_load
+    def __init__(self, delay: float = 0.002):
+        self.delay = delay
+        self.cached_blocks: set = set()
+        self.totals = {"prompt": 0, "cached": 0}
+        self.prompts: list[tuple] = []
+        self.starts: list[float] = []
+        self.in_flight = self.max_in_flight = 0
 
-    cached_blocks: set = set()
-    totals = {"prompt": 0, "cached": 0}
+    async def __aenter__(self):
+        from aiohttp import web
 
-    async def models(_):
-        return web.json_response({"data": [{"id": "fake"}]})
+        async def models(_):
+            return web.json_response({"data": [{"id": "fake"}]})
 
-    async def metrics(_):
-        return web.Response(text=(
-            f'vllm:prompt_tokens_total{{engine="0"}} {totals["prompt"]}\n'
-            f'vllm:prompt_tokens_cached_total{{engine="0"}} {totals["cached"]}\n'
-            f'vllm:prompt_tokens_cached_by_source_total{{source="device"}} {totals["cached"]}\n'))
+        async def metrics(_):
+            t = self.totals
+            return web.Response(text=(
+                f'vllm:prompt_tokens_total{{engine="0"}} {t["prompt"]}\n'
+                f'vllm:prompt_tokens_cached_total{{engine="0"}} {t["cached"]}\n'
+                f'vllm:num_preemptions_total{{engine="0"}} 3\n'
+                f'vllm:prompt_tokens_cached_by_source_total{{source="device"}} {t["cached"]}\n'))
 
-    async def completions(req):
-        body = await req.json()
-        prompt, n = body["prompt"], body["max_tokens"]
-        assert body["stream"] and all(isinstance(t, int) for t in prompt)
-        hit = 0
-        while (hit + 1) * 32 <= len(prompt) - 1 and tuple(prompt[:(hit + 1) * 32]) in cached_blocks:
-            hit += 1
-        for j in range(len(prompt) // 32):
-            cached_blocks.add(tuple(prompt[:(j + 1) * 32]))
-        totals["prompt"] += len(prompt)
-        totals["cached"] += hit * 32
-        resp = web.StreamResponse()
-        await resp.prepare(req)
-        for _ in range(n):
-            await asyncio.sleep(0.002)
-            await resp.write(b'data: {"choices": [{"text": "x", "index": 0}]}\n\n')
-        usage = {"prompt_tokens": len(prompt), "completion_tokens": n,
-                 "prompt_tokens_details": {"cached_tokens": hit * 32}}
-        await resp.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
-        await resp.write(b"data: [DONE]\n\n")
-        return resp
+        async def completions(req):
+            body = await req.json()
+            prompt, n = body["prompt"], body["max_tokens"]
+            assert body["stream"] and all(isinstance(t, int) for t in prompt)
+            self.prompts.append(tuple(prompt))
+            self.starts.append(asyncio.get_running_loop().time())
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                hit = 0
+                while ((hit + 1) * 32 <= len(prompt) - 1
+                       and tuple(prompt[:(hit + 1) * 32]) in self.cached_blocks):
+                    hit += 1
+                for j in range(len(prompt) // 32):
+                    self.cached_blocks.add(tuple(prompt[:(j + 1) * 32]))
+                self.totals["prompt"] += len(prompt)
+                self.totals["cached"] += hit * 32
+                resp = web.StreamResponse()
+                await resp.prepare(req)
+                for _ in range(n):
+                    await asyncio.sleep(self.delay)
+                    await resp.write(b'data: {"choices": [{"text": "x", "index": 0}]}\n\n')
+                usage = {"prompt_tokens": len(prompt), "completion_tokens": n,
+                         "prompt_tokens_details": {"cached_tokens": hit * 32}}
+                await resp.write(
+                    f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
+                await resp.write(b"data: [DONE]\n\n")
+                return resp
+            finally:
+                self.in_flight -= 1
 
-    async def main():
         app = web.Application()
         app.add_routes([web.get("/v1/models", models), web.get("/metrics", metrics),
                         web.post("/v1/completions", completions)])
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        try:
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.runner.cleanup()
+
+
+def test_run_load_against_fake_openai_server(tmp_path):
+    """The whole loop (client SSE parsing, ramp, metrics, summary) on an in-process
+    aiohttp server that streams tokens and reports a simulated prefix-cache hit."""
+    from benchmarks.loadgen import run_load
+
+    async def main():
+        async with FakeServer() as srv:
             sessions = [Session(f"c{i}", [turn(range(1, 5 + 3 * k), ns=f"c{i}", index=k,
                                                think=1.0) for k in range(6)]) for i in range(3)]
             w = Workload(sessions, Scale(tokens_per_hash=16, time_scale=0.01, output_scale=0.05))
             cfg = LoadConfig(duration=2.5, users=1, ramp_step=1, ramp_interval=1.0, max_users=3,
                              slo=SLO(ttft_p95=5.0), progress_interval=1.0, block_size=32)
-            return await run_load(f"http://127.0.0.1:{port}", w, cfg, log=open(os.devnull, "w"))
-        finally:
-            await runner.cleanup()
+            return await run_load(srv.url, w, cfg, log=open(os.devnull, "w"))
 
     doc = asyncio.run(main())
     s = doc["summary"]
+    assert s["mode"] == "timed"
     assert s["requests_ok"] > 6 and s["requests_failed"] == 0
     assert s["ttft"]["n"] == s["requests_ok"] and s["output_tok_s"] > 0
     assert 0 < s["hit_rate_client"] < 1
@@ -463,3 +562,96 @@ def test_run_load_against_fake_openai_server(tmp_path):
     assert doc["timeline"] and sum(doc["reprefill_histogram"].values()) == s["working_set_blocks"]
     r = doc["requests"][0]
     assert r["prompt_tokens"] == 4 * 16 and r["output_tokens"] == 5 and r["tpot"] is not None
+
+
+def fixed_set_workload():
+    """Sessions of 1-5 turns (one with a sub-agent), think 1 s scaled to 10 ms."""
+    sessions = []
+    for i, m in enumerate((5, 1, 3, 2, 4, 1)):
+        subs = []
+        if i == 0:
+            subs = [SubAgent("a1", 0.0, 0.5, 1, Session(
+                "c0", [turn([70 + k, 71], ns="c0", agent="a1", index=k) for k in range(2)]))]
+        sessions.append(Session(f"c{i}", [turn(range(1, 4 + 2 * k), ns=f"c{i}", index=k,
+                                                think=1.0) for k in range(m)], subs))
+    return Workload(sessions, Scale(tokens_per_hash=16, time_scale=0.01, output_scale=0.05))
+
+
+def run_fixed(cfg, delay=0.002):
+    from benchmarks.loadgen import run_load
+
+    async def main():
+        async with FakeServer(delay) as srv:
+            doc = await run_load(srv.url, fixed_set_workload(), cfg, log=open(os.devnull, "w"))
+            return doc, srv
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("arrival", ["closed", "poisson"])
+def test_fixed_request_set_is_served_exactly_once_to_the_end(arrival):
+    w = fixed_set_workload()
+    n = 8                                     # 6 sessions + two fresh copies (c0#1, c1#1)
+    want = [t for s in w.request_set(n) for t in s.all_turns()]
+    tm = TokenMap(w.scale)
+    cfg = LoadConfig(users=2, sessions=n, arrival=arrival, rate=20.0, block_size=32,
+                     progress_interval=0.2)
+    doc, srv = run_fixed(cfg)
+    s = doc["summary"]
+    assert s["mode"] == "fixed" and s["complete"] and s["requests_failed"] == 0
+    assert s["requests_expected"] == len(want) == s["requests_ok"] == 26   # 18 + 7 + 1
+    # every prompt of the set, once each, nothing else
+    assert sorted(srv.prompts) == sorted(tuple(tm.prompt(t)) for t in want)
+    assert s["request_set"] == describe_request_set(w.request_set(n), w.scale, 32)
+    ends = [r["end"] for r in doc["requests"]]
+    assert s["makespan_s"] == pytest.approx(max(ends))
+    assert s["output_tokens"] == sum(r["output_tokens"] for r in doc["requests"])
+    assert s["output_tok_s"] == pytest.approx(s["output_tokens"] / s["makespan_s"])
+    assert s["preemptions"] == 0                        # a delta of the server's counter
+    assert sum(b["requests"] for b in doc["timeline"]) == len(want)
+    # within a session, a turn starts after the previous turn of its agent ended
+    by_agent = {}
+    for r in sorted(doc["requests"], key=lambda r: r["start"]):
+        key = (r["session"], r["agent"])
+        if key in by_agent:
+            assert r["start"] >= by_agent[key][1]
+            assert r["turn"] > by_agent[key][0]
+        by_agent[key] = (r["turn"], r["end"])
+    if arrival == "closed":
+        # two users, each at most its session's main agent + its sub-agent in flight
+        # (c0 and c0#1, dealt first, both have one)
+        assert srv.max_in_flight <= 4 and s["users"] == 2
+    else:
+        assert s["rate"] == 20.0 and s["users"] is None
+
+
+def test_fixed_request_set_closed_loop_caps_concurrency_at_users():
+    cfg = LoadConfig(users=1, sessions=5, block_size=32, progress_interval=0.2)
+    doc, srv = run_fixed(cfg)
+    # one user plays the sessions one after the other; session c0's sub-agent is the
+    # only overlap (it runs beside its parent)
+    assert doc["summary"]["complete"] and srv.max_in_flight <= 2
+    starts = [(r["start"], r["session"]) for r in doc["requests"] if r["agent"] == "main"]
+    order = [sess for _, sess in sorted(starts)]
+    assert order.index("c4") < order.index("c3")       # longest first: c4 (4) before c3 (2)
+
+
+def test_poisson_arrivals_start_sessions_at_their_times():
+    cfg = LoadConfig(sessions=6, arrival="poisson", rate=4.0, arrival_seed=3, block_size=32,
+                     progress_interval=0.2)
+    doc, _ = run_fixed(cfg)
+    at = poisson_arrivals(6, 4.0, 3)
+    w = fixed_set_workload()
+    firsts = {}
+    for r in doc["requests"]:
+        if r["agent"] == "main" and r["turn"] == 0:
+            firsts[r["session"]] = r["start"]
+    for s, t in zip(w.request_set(6), at):
+        assert t - 0.01 <= firsts[s.name] <= t + 0.3
+
+
+def test_fixed_request_set_time_limit_marks_the_run_incomplete():
+    cfg = LoadConfig(users=1, sessions=8, block_size=32, time_limit=0.3, drain_timeout=5.0,
+                     progress_interval=0.2)
+    doc, _ = run_fixed(cfg, delay=0.05)
+    s = doc["summary"]
+    assert not s["complete"] and s["requests_ok"] < s["requests_expected"]

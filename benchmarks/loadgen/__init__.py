@@ -16,9 +16,13 @@ Workloads:
     context, growing to a high watermark and then summarised, with think
     times / output lengths / context growth drawn from the traces.
 
-Modes: fixed users (``--users N``) or a ramp (``--ramp-step K --ramp-interval S``)
-that stops adding users when the SLO (``--slo-ttft-max/avg/p95``,
-``--slo-tokens-per-s``) is violated over a window and holds the last good count.
+Runs: a **fixed request set** (``--sessions N``: the first N sessions, longest
+first, served to the end; reports the makespan; ``--arrival closed`` with
+``--users U`` or ``--arrival poisson --rate R`` sessions/s), or a **timed** run
+(``--duration``) with fixed users (``--users N``) or a ramp (``--ramp-step K
+--ramp-interval S``) that stops adding users when the SLO
+(``--slo-ttft-max/avg/p95``, ``--slo-tokens-per-s``) is violated over a window
+and holds the last good count.
 Progress goes to stderr; the last stdout line is a JSON headline.
 
 Usage (start the server with --enable-prompt-tokens-details for per-request
@@ -33,17 +37,18 @@ cached tokens; --block-size must match the server's):
 
 from .client import RequestResult, complete
 from .metrics import counters_delta, parse_prometheus, percentile, server_counters
-from .runner import LoadConfig, Player, run_load
+from .runner import LoadConfig, Player, poisson_arrivals, run_load
 from .slo import SLO, RampController
 from .synthetic import SwarmConfig, TraceStats, swarm_session, swarm_sessions
 from .workload import (Scale, Session, SubAgent, TokenMap, Turn, Workload, block_keys,
-                       load_trace, load_traces)
+                       describe_request_set, load_trace, load_traces)
 from .cli import make_workload
 
 __all__ = [
     "RequestResult", "complete", "counters_delta", "parse_prometheus", "percentile",
-    "server_counters", "LoadConfig", "Player", "run_load", "SLO", "RampController",
+    "server_counters", "LoadConfig", "Player", "poisson_arrivals", "run_load", "SLO", "RampController",
     "SwarmConfig", "TraceStats", "swarm_session", "swarm_sessions", "Scale", "Session",
-    "SubAgent", "TokenMap", "Turn", "Workload", "block_keys", "load_trace", "load_traces",
+    "SubAgent", "TokenMap", "Turn", "Workload", "block_keys", "describe_request_set",
+    "load_trace", "load_traces",
     "make_workload",
 ]

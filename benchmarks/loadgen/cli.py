@@ -8,7 +8,8 @@ import json
 import os
 import sys
 
-from .runner import TIMINGS, LoadConfig, run_load
+from ..stamp import stamp
+from .runner import ARRIVALS, TIMINGS, LoadConfig, run_load
 from .slo import SLO
 from .synthetic import SwarmConfig, TraceStats, swarm_sessions
 from .workload import Scale, Workload, load_traces
@@ -16,7 +17,8 @@ from .workload import Scale, Workload, load_traces
 
 def make_workload(scale: Scale, trace_dir: str | None = None, synthetic: bool = False,
                   sampling: str = "sequential", seed: int = 0, max_traces: int = 0,
-                  swarm_sessions_n: int = 16, swarm: SwarmConfig = SwarmConfig()) -> Workload:
+                  swarm_sessions_n: int = 16, swarm: SwarmConfig = SwarmConfig(),
+                  max_turns: int = 0) -> Workload:
     """Trace replay (``trace_dir``) or the synthetic swarm (``synthetic``; its
     statistics come from ``trace_dir`` when given, else built-in ones)."""
     if synthetic:
@@ -26,7 +28,7 @@ def make_workload(scale: Scale, trace_dir: str | None = None, synthetic: bool = 
         sessions = load_traces(trace_dir, max_traces)
     else:
         raise ValueError("give --trace-dir and/or --synthetic")
-    return Workload(sessions, scale, sampling, seed)
+    return Workload(sessions, scale, sampling, seed, max_turns)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--sampling", choices=("sequential", "random"), default="sequential",
                    help="how users pick the next session of the working set")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-turns", type=int, default=0,
+                   help="keep the first N turns of every agent of a session (0: all)")
     s = p.add_argument_group("scaling")
     s.add_argument("--tokens-per-hash", type=int, default=64,
                    help="tokens sent per 64-token trace block (e.g. 8 on small machines)")
@@ -60,6 +64,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--timing", choices=TIMINGS, default="think",
                    help="think: think time after the previous answer; original: trace `t`")
     m = p.add_argument_group("load")
+    m.add_argument("--sessions", type=int, default=0,
+                   help="fixed request set: serve the first N sessions to the end and report "
+                        "the makespan (0: timed run of --duration)")
+    m.add_argument("--arrival", choices=ARRIVALS, default="closed",
+                   help="fixed set: closed (--users take the next session when done) or "
+                        "poisson (sessions start at Poisson times of --rate per s)")
+    m.add_argument("--rate", type=float, default=0.0, help="poisson: sessions started per s")
+    m.add_argument("--arrival-seed", type=int, default=0)
+    m.add_argument("--order", choices=("longest-first", "in-order"), default="longest-first",
+                   help="fixed set: dispatch order of its sessions")
+    m.add_argument("--time-limit", type=float, default=0.0,
+                   help="fixed set: give up after this many s (0: none)")
     m.add_argument("--duration", type=float, default=300.0, help="s")
     m.add_argument("--users", type=int, default=4, help="concurrent users (start of a ramp)")
     m.add_argument("--ramp-step", type=int, default=0, help="users added per interval (0: fixed)")
@@ -82,24 +98,34 @@ def scale_from_args(a) -> Scale:
 def config_from_args(a) -> LoadConfig:
     slo = SLO(a.slo_ttft_max, a.slo_ttft_avg, a.slo_ttft_p95, a.slo_tokens_per_s)
     return LoadConfig(a.duration, a.users, a.ramp_step, a.ramp_interval, a.max_users, slo,
-                      a.timing, a.block_size, a.progress_interval)
+                      a.timing, a.block_size, a.progress_interval, sessions=a.sessions,
+                      arrival=a.arrival, rate=a.rate, arrival_seed=a.arrival_seed,
+                      order=a.order, time_limit=a.time_limit)
 
 
 def headline(doc: dict) -> dict:
     s = doc["summary"]
-    return {k: s[k] for k in ("output_tok_s", "hit_rate", "goodput_rps", "requests_ok",
-                              "requests_failed", "max_users_within_slo", "cached_by_source")} \
-        | {"ttft_p95": s["ttft"].get("p95")}
+    out = {k: s[k] for k in ("output_tok_s", "hit_rate", "goodput_rps", "requests_ok",
+                             "requests_failed", "max_users_within_slo", "cached_by_source",
+                             "preemptions")} | {"ttft_p95": s["ttft"].get("p95")}
+    if s["mode"] == "fixed":
+        out |= {"makespan_s": s["makespan_s"], "complete": s["complete"],
+                "request_set": s["request_set"]}
+    if "stamp" in doc:
+        out["stamp"] = doc["stamp"]
+    return out
 
 
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     workload = make_workload(scale_from_args(a), a.trace_dir, a.synthetic, a.sampling, a.seed,
                              a.max_traces, a.swarm_sessions,
-                             SwarmConfig(high_watermark=a.high_watermark))
+                             SwarmConfig(high_watermark=a.high_watermark), a.max_turns)
     print(f"[loadgen] workload {workload.describe()}", file=sys.stderr)
+    st = stamp()   # when the run starts
     doc = asyncio.run(run_load(a.url, workload, config_from_args(a), a.model))
     doc["args"] = vars(a)
+    doc["stamp"] = st
     doc["workload"] = workload.describe()
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

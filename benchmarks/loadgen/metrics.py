@@ -18,6 +18,12 @@ COUNTERS = {
     "external_prefix_cache_hits": "vllm:external_prefix_cache_hits",
     "generation_tokens": "vllm:generation_tokens",
     "preemptions": "vllm:num_preemptions",
+    # request-phase histograms (sum and count): time waiting in the scheduler's
+    # queue (e.g. for KV cache room) and in prefill, per request
+    "queue_time_s_sum": "vllm:request_queue_time_seconds_sum",
+    "queue_time_n": "vllm:request_queue_time_seconds_count",
+    "prefill_time_s_sum": "vllm:request_prefill_time_seconds_sum",
+    "prefill_time_n": "vllm:request_prefill_time_seconds_count",
 }
 BY_SOURCE = "vllm:prompt_tokens_cached_by_source"
 
@@ -81,6 +87,9 @@ def counters_delta(before: dict | None, after: dict | None) -> dict | None:
     if c is None and out["cached_by_source"]:
         c = sum(out["cached_by_source"].values())
     out["hit_rate"] = c / p if p and c is not None else None
+    for what in ("queue", "prefill"):       # mean seconds per request
+        s_, n = out.get(f"{what}_time_s_sum"), out.get(f"{what}_time_n")
+        out[f"{what}_time_s_mean"] = s_ / n if s_ is not None and n else None
     return out
 
 

@@ -1,9 +1,29 @@
-"""Run users against a server: replay sessions, ramp users, record everything."""
+"""Run users against a server: replay sessions, ramp users, record everything.
+
+Two ways to bound a run:
+
+* **timed** (``LoadConfig.sessions == 0``): users pick sessions for
+  ``duration`` seconds (optionally ramped within an SLO); configurations that
+  run at different speeds serve different requests;
+* **fixed request set** (``sessions = N``): the first ``N`` sessions of the
+  workload (:meth:`Workload.request_set`, longest first), served to the end;
+  the run's length is its *makespan* (first request sent to last answer
+  received) and every configuration serves exactly the same requests.
+  ``arrival="closed"``: ``users`` users each take the next session of the set
+  when they finish one (closed loop, think times inside sessions).
+  ``arrival="poisson"``: open loop; session ``i`` starts at the ``i``-th
+  arrival of a Poisson process of ``rate`` sessions/s (seeded: the same
+  times for every configuration), however many are already running. Within a
+  session, in both modes, a turn is sent only after the previous turn of its
+  agent was answered (plus its think time): its prompt extends that turn's
+  prompt and answer, so sending it earlier would not be the same request.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -13,9 +33,24 @@ import aiohttp
 from .client import RequestResult, complete
 from .metrics import counters_delta, percentile, server_counters, stats
 from .slo import SLO, RampController
-from .workload import Scale, Session, TokenMap, Turn, Workload, block_keys
+from .workload import (Scale, Session, TokenMap, Turn, Workload, block_keys,
+                       describe_request_set)
 
 TIMINGS = ("think", "original")
+ARRIVALS = ("closed", "poisson")
+
+
+def poisson_arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
+    """Start times (s) of ``n`` sessions: 0, then exponential gaps of mean 1/rate."""
+    if rate <= 0:
+        raise ValueError(f"poisson arrivals need rate > 0 (sessions/s), not {rate!r}")
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for i in range(n):
+        if i:
+            t += rng.expovariate(rate)
+        out.append(t)
+    return out
 
 
 class Player:
@@ -88,8 +123,8 @@ class Player:
 
 @dataclass
 class LoadConfig:
-    duration: float = 300.0           # s of load (users stop starting requests after it)
-    users: int = 4                    # initial (or fixed) concurrent users
+    duration: float = 300.0           # timed mode: s of load (no new requests after it)
+    users: int = 4                    # initial (or fixed) concurrent users (closed loop)
     ramp_step: int = 0                # users added per ramp interval (0: fixed)
     ramp_interval: float = 30.0
     max_users: int = 64
@@ -99,6 +134,25 @@ class LoadConfig:
     progress_interval: float = 5.0
     request_timeout: float = 600.0
     drain_timeout: float = 15.0       # s to let in-flight requests finish at the end
+    # fixed request set (see the module doc); sessions == 0: timed mode
+    sessions: int = 0                 # the first N sessions of the workload, served to the end
+    arrival: str = "closed"           # closed | poisson
+    rate: float = 0.0                 # poisson: sessions started per second
+    arrival_seed: int = 0
+    order: str = "longest-first"      # dispatch order of the set (Workload.request_set)
+    time_limit: float = 0.0           # fixed set: stop after this many s (0: none); the
+                                      # summary then says complete: false
+
+    def __post_init__(self):
+        if self.arrival not in ARRIVALS:
+            raise ValueError(f"arrival must be one of {ARRIVALS}, not {self.arrival!r}")
+        if self.arrival == "poisson" and (self.sessions <= 0 or self.rate <= 0):
+            raise ValueError("arrival=poisson needs a fixed request set (sessions > 0) "
+                             "and rate > 0 (sessions/s)")
+
+    @property
+    def fixed(self) -> bool:
+        return self.sessions > 0
 
 
 class _Run:
@@ -116,6 +170,19 @@ class _Run:
         self.timeline: list[dict] = []
         self.user_tasks: dict[int, asyncio.Task] = {}
         self.user_errors: list[str] = []
+        self.request_set: list[Session] = []
+        self.request_set_info: dict | None = None
+        self.arrivals: list[float] = []
+        self.active = 0                  # fixed set: sessions being played
+        self.sessions_done = 0
+        self.timed_out = False
+        if cfg.fixed:
+            self.request_set = workload.request_set(cfg.sessions, cfg.order)
+            self.request_set_info = describe_request_set(self.request_set, self.scale,
+                                                         cfg.block_size)
+            if cfg.arrival == "poisson":
+                self.arrivals = poisson_arrivals(len(self.request_set), cfg.rate,
+                                                 cfg.arrival_seed)
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -165,8 +232,10 @@ class _Run:
         prompt = sum(r.prompt_tokens for r in ok if r.cached_tokens is not None)
         cached = sum(r.cached_tokens for r in ok if r.cached_tokens is not None)
         ttfts = [r.ttft for r in ok]
-        return {"t": t_to, "users": self.ctl.target,
-                "active_users": sum(not t.done() for t in self.user_tasks.values()),
+        users = self.active if self.cfg.fixed else self.ctl.target
+        return {"t": t_to, "users": users,
+                "active_users": self.active if self.cfg.fixed
+                else sum(not t.done() for t in self.user_tasks.values()),
                 "requests": len(ok), "errors": len(rs) - len(ok),
                 "output_tok_s": sum(r.output_tokens for r in ok) / dt,
                 "prompt_tokens": prompt, "cached_tokens": cached,
@@ -184,9 +253,16 @@ class _Run:
 
     async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self.cfg.request_timeout)
-        conn = aiohttp.TCPConnector(limit=0)
+        # force_close: a connection per request. With keep-alive, a request sent on
+        # a connection the server is closing as idle (uvicorn: after 5 s) fails with
+        # ServerDisconnectedError; runs that slow down at the end (few users left)
+        # lost a few requests that way. A localhost connect costs ~1 ms.
+        conn = aiohttp.TCPConnector(limit=0, force_close=True)
         async with aiohttp.ClientSession(timeout=timeout, connector=conn) as http:
             self.http = http
+            if self.cfg.fixed:
+                await self.run_fixed()
+                return
             self.t0 = time.monotonic()
             self.ctl.since = 0.0
             self.spawn_users()
@@ -213,6 +289,67 @@ class _Run:
                 if t.done() and not t.cancelled() and t.exception():
                     e = t.exception()
                     self.user_errors.append(f"user {uid}: {type(e).__name__}: {e}")
+
+
+    async def play(self, uid: int, session: Session) -> None:
+        async def send(turn):
+            await self.send(turn, uid)
+
+        self.active += 1
+        try:
+            await Player(send, self.scale, self.cfg.timing, lambda: self.stop).play(session)
+        finally:
+            self.active -= 1
+            self.sessions_done += 1
+
+    async def run_fixed(self) -> None:
+        """Serve the fixed request set to the end (or to ``time_limit``)."""
+        queue = collections.deque(self.request_set)
+
+        async def user(uid: int) -> None:      # closed loop: the next session when done
+            while queue and not self.stop:
+                await self.play(uid, queue.popleft())
+
+        async def arrive(i: int, session: Session, at: float) -> None:   # open loop
+            while not self.stop and (dt := at - self.now()) > 0:
+                await asyncio.sleep(min(dt, 0.25))
+            if not self.stop:
+                await self.play(i, session)
+
+        self.t0 = time.monotonic()
+        if self.cfg.arrival == "closed":
+            n = min(self.cfg.users, len(self.request_set))
+            tasks = {u: asyncio.ensure_future(user(u)) for u in range(n)}
+        else:
+            tasks = {i: asyncio.ensure_future(arrive(i, s, at))
+                     for i, (s, at) in enumerate(zip(self.request_set, self.arrivals))}
+        self.user_tasks = tasks
+        pending = set(tasks.values())
+        last = 0.0
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=1.0)
+            now = self.now()
+            if self.cfg.time_limit and now >= self.cfg.time_limit and not self.stop:
+                self.stop = self.timed_out = True
+                print(f"[loadgen] time limit {self.cfg.time_limit:.0f} s reached: "
+                      f"{self.sessions_done}/{len(self.request_set)} sessions done",
+                      file=self.log, flush=True)
+                if pending:
+                    _, pending = await asyncio.wait(pending, timeout=self.cfg.drain_timeout)
+                    for t in pending:
+                        t.cancel()
+                    await asyncio.gather(*pending, return_exceptions=True)
+                    pending = set()
+            if now - last >= self.cfg.progress_interval or not pending:
+                b = self.bucket(last, now + (1e-6 if not pending else 0.0))
+                self.timeline.append(b)
+                self.progress(b)
+                last = now
+        self.elapsed = max((r.end for r in self.results), default=self.now())
+        for uid, t in tasks.items():
+            if t.done() and not t.cancelled() and t.exception():
+                e = t.exception()
+                self.user_errors.append(f"user {uid}: {type(e).__name__}: {e}")
 
 
 async def fetch_text(url: str, path: str, timeout: float = 10.0) -> str | None:
@@ -257,12 +394,19 @@ def reprefill_histogram(prefills: collections.Counter) -> dict[int, int]:
 
 
 def summarize(run: _Run, delta: dict | None) -> dict:
-    rs, slo = run.results, run.cfg.slo
+    rs, slo, cfg = run.results, run.cfg, run.cfg
+    slo = cfg.slo
     ok = [r for r in rs if r.ok]
-    # Rates count the requests that finished within the load window; latency
-    # figures also include those that finished while draining.
-    el = max(min(run.elapsed, run.cfg.duration), 1e-9)
-    in_window = [r for r in ok if r.end <= el]
+    if cfg.fixed:
+        # Fixed request set: rates over the makespan (first request sent at 0 to
+        # the last answer), every request counted.
+        el = max(run.elapsed, 1e-9)
+        in_window = ok
+    else:
+        # Rates count the requests that finished within the load window; latency
+        # figures also include those that finished while draining.
+        el = max(min(run.elapsed, cfg.duration), 1e-9)
+        in_window = [r for r in ok if r.end <= el]
     out_tokens = sum(r.output_tokens for r in in_window)
     with_cache = [r for r in ok if r.cached_tokens is not None]
     c_prompt = sum(r.prompt_tokens for r in with_cache)
@@ -270,11 +414,12 @@ def summarize(run: _Run, delta: dict | None) -> dict:
     client_hit = c_cached / c_prompt if c_prompt else None
     good = [r for r in in_window if slo.request_ok(r)]
     within, fig = slo.check(ok) if ok else (False, {})
-    return {
+    out = {
+        "mode": "fixed" if cfg.fixed else "timed",
         "duration_s": el,
-        "drained_s": run.elapsed - el,
-        "users_final": run.ctl.target,
-        "max_users_within_slo": run.ctl.max_users_within_slo,
+        "drained_s": 0.0 if cfg.fixed else run.elapsed - el,
+        "users_final": None if cfg.fixed else run.ctl.target,
+        "max_users_within_slo": None if cfg.fixed else run.ctl.max_users_within_slo,
         "slo": {k: v for k, v in vars(slo).items()},
         "slo_met_overall": within if slo.active else None,
         "requests_ok": len(ok), "requests_failed": len(rs) - len(ok),
@@ -290,6 +435,7 @@ def summarize(run: _Run, delta: dict | None) -> dict:
         "hit_rate": (delta or {}).get("hit_rate") if (delta or {}).get("hit_rate") is not None
         else client_hit,
         "cached_by_source": (delta or {}).get("cached_by_source"),
+        "preemptions": (delta or {}).get("preemptions"),
         "server": delta,
         "ttft": stats(r.ttft for r in ok),
         "tpot": stats(r.tpot for r in ok),
@@ -298,3 +444,13 @@ def summarize(run: _Run, delta: dict | None) -> dict:
         "prefilled_blocks": sum(run.prefills.values()),
         "reprefilled_blocks": sum(n - 1 for n in run.prefills.values()),
     }
+    if cfg.fixed:
+        info = run.request_set_info
+        out.update(
+            makespan_s=el, arrival=cfg.arrival, users=cfg.users if cfg.arrival == "closed"
+            else None, rate=cfg.rate if cfg.arrival == "poisson" else None,
+            request_set=info, requests_expected=info["requests"],
+            sessions_done=run.sessions_done,
+            complete=(not run.timed_out and len(ok) == len(rs) == info["requests"]
+                      and run.sessions_done == info["sessions"]))
+    return out

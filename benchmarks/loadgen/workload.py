@@ -102,6 +102,19 @@ class Session:
             [dataclasses.replace(sa, session=sa.session.renamed(namespace))
              for sa in self.subagents])
 
+    def num_turns(self) -> int:
+        """Requests of the session, its sub-agents' included."""
+        return sum(1 for _ in self.all_turns())
+
+    def truncated(self, max_turns: int) -> "Session":
+        """The first ``max_turns`` turns of every agent; sub-agents launched after a
+        dropped turn are dropped with it (0: the whole session)."""
+        if max_turns <= 0:
+            return self
+        subs = [dataclasses.replace(sa, session=sa.session.truncated(max_turns))
+                for sa in self.subagents if sa.after < max_turns]
+        return Session(self.name, self.turns[:max_turns], [sa for sa in subs if sa.session.turns])
+
     def filtered(self, keep) -> "Session":
         """Drop the turns for which ``keep(turn)`` is false (and empty sub-agents)."""
         turns, subs, remap = [], [], {}
@@ -215,37 +228,83 @@ class Workload:
     Every pick is a fresh conversation: a session picked for the k-th time
     (k > 0) replays under the namespace ``name#k`` so it shares no private
     blocks with its earlier replays (blocks in the shared namespace stay shared).
+
+    ``max_turns`` keeps the first turns of every agent of a session (after the
+    ``max_context`` filter): a session's turns run one after the other, so its
+    length bounds how short a run can be however fast the server is.
+
+    :meth:`request_set` is the fixed list of the first ``n`` picks, the same on
+    every call: what every configuration of a comparison serves.
     """
 
     def __init__(self, sessions: list[Session], scale: Scale,
-                 sampling: str = "sequential", seed: int = 0):
+                 sampling: str = "sequential", seed: int = 0, max_turns: int = 0):
         if sampling not in ("sequential", "random"):
             raise ValueError(f"sampling must be sequential or random, not {sampling!r}")
         fits = (lambda t: scale.prompt_len(t) <= scale.max_context) if scale.max_context \
             else (lambda t: True)
-        self.sessions = [s2 for s in sessions if (s2 := s.filtered(fits)).turns]
+        self.sessions = [s2 for s in sessions
+                         if (s2 := s.filtered(fits).truncated(max_turns)).turns]
         if not self.sessions:
             raise ValueError("no session has a turn within max_context")
-        self.scale, self.sampling = scale, sampling
+        self.scale, self.sampling, self.seed, self.max_turns = scale, sampling, seed, max_turns
         self.rng = random.Random(seed)
         self.picks = 0
         self.copies: dict[str, int] = {}
 
-    def next_session(self) -> Session:
+    def _pick(self, i: int, rng: random.Random, copies: dict[str, int]) -> Session:
         if self.sampling == "sequential":
-            s = self.sessions[self.picks % len(self.sessions)]
+            s = self.sessions[i % len(self.sessions)]
         else:
-            s = self.rng.choice(self.sessions)
-        self.picks += 1
-        k = self.copies.get(s.name, 0)
-        self.copies[s.name] = k + 1
+            s = rng.choice(self.sessions)
+        k = copies.get(s.name, 0)
+        copies[s.name] = k + 1
         ns = s.turns[0].namespace
         if k == 0 or ns == SHARED_NAMESPACE:
             return s
         return s.renamed(f"{ns}#{k}")
 
+    def next_session(self) -> Session:
+        s = self._pick(self.picks, self.rng, self.copies)
+        self.picks += 1
+        return s
+
+    def request_set(self, n: int, order: str = "longest-first") -> list[Session]:
+        """The first ``n`` picks (as ``next_session`` would make them from a fresh
+        start), in dispatch order: ``longest-first`` (most requests first, ties in
+        pick order, so the run does not end on a long session started last) or
+        ``in-order``."""
+        if order not in ("longest-first", "in-order"):
+            raise ValueError(f"order must be longest-first or in-order, not {order!r}")
+        rng, copies = random.Random(self.seed), {}
+        out = [self._pick(i, rng, copies) for i in range(n)]
+        if order == "longest-first":
+            out.sort(key=lambda s: -s.num_turns())      # stable: ties keep pick order
+        return out
+
     def describe(self) -> dict:
         turns = [t for s in self.sessions for t in s.all_turns()]
         lens = [self.scale.prompt_len(t) for t in turns]
         return {"sessions": len(self.sessions), "turns": len(turns),
-                "prompt_tokens_max": max(lens), "prompt_tokens_mean": sum(lens) / len(lens)}
+                "prompt_tokens_max": max(lens), "prompt_tokens_mean": sum(lens) / len(lens),
+                "max_turns": self.max_turns}
+
+
+def describe_request_set(sessions: list[Session], scale: Scale, block_size: int) -> dict:
+    """Size and identity of a fixed request set: requests, tokens, distinct KV
+    blocks of its prompts (the working set), and a digest of every prompt's
+    identity so two runs can show they served the same requests."""
+    h = hashlib.sha256()
+    seen: set = set()
+    requests = prompt = output = 0
+    for s in sessions:
+        for t in s.all_turns():
+            requests += 1
+            prompt += scale.prompt_len(t)
+            output += scale.max_tokens(t)
+            seen.update(block_keys(t, scale, block_size))
+            h.update(f"{t.namespace}\x1f{t.agent}\x1f{t.index}\x1f{scale.prompt_len(t)}\x1f"
+                     f"{scale.max_tokens(t)}\x1f{','.join(map(str, t.hash_ids))}\n".encode())
+    return {"sessions": len(sessions), "requests": requests, "prompt_tokens": prompt,
+            "output_tokens": output, "working_set_blocks": len(seen),
+            "digest": h.hexdigest()[:16]}

@@ -25,6 +25,12 @@ CONFIGS = ["baseline", "kvtier-nvme"]
 MODEL = {"hidden_size": 1024, "num_layers": 4, "num_heads": 16, "num_kv_heads": 2,
          "head_dim": 64, "intermediate_size": 2816}
 
+# The 2026-11-29 comparison's profile (compare.py's defaults have since moved to
+# the batching configuration): 8 users, a GPU cache of one 4,000-token context,
+# every turn of a session, up to 32 output tokens, think times x0.1.
+PROFILE = ["users=8", "gpu_cache_contexts=1", "max_context=4000", "max_turns=0",
+           "max_output_tokens=32", "time_scale=0.1"]
+
 pytestmark = pytest.mark.e2e
 
 
@@ -34,7 +40,7 @@ def test_compare_kvtier_beats_baseline_from_disk(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.compare", "--configs", ",".join(CONFIGS),
          "--out", str(out), "--duration", "60", "--set", f"nvme_dram_bytes={8 << 20}",
-         "--set", f"model={json.dumps(MODEL)}"],
+         "--set", f"model={json.dumps(MODEL)}", *[x for kv in PROFILE for x in ("--set", kv)]],
         cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     head = json.loads(proc.stdout.strip().splitlines()[-1])
