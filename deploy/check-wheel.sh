@@ -48,10 +48,11 @@ import os, sys, tempfile
 import numpy as np, xxhash
 import kvtier, kvtier._copy_engine as ce
 assert kvtier.__file__.startswith(sys.argv[1]), f"kvtier from {kvtier.__file__}, not the wheel"
-from kvtier.copy import HostPool
-from kvtier.store import HEADER_BYTES, DiskStore, pack_header, record_bytes
+from kvtier.copy.engine import HostPool
+from kvtier.store.disk import DiskStore
+from kvtier.store.record import HEADER_BYTES, RecordError, pack_header, record_bytes
 payload = 3 * 4096 + 5
-pool = HostPool(2, record_bytes(payload))
+pool = HostPool(3, record_bytes(payload))
 rec = pool.slot(0)
 rec[HEADER_BYTES:HEADER_BYTES + payload] = np.arange(payload) % 251
 digest = xxhash.xxh3_64_intdigest(rec[HEADER_BYTES:HEADER_BYTES + payload])
@@ -59,12 +60,21 @@ ns, key = bytes(16), bytes(range(16))
 pack_header(rec, ns, key, 0, 1, payload, digest)
 with tempfile.TemporaryDirectory() as d:
     s = DiskStore(d, ns, 0, 1, native_io="threads")
+    assert s._io is not None, "the native store engine did not load from the wheel"
     s.write(key, rec[:record_bytes(payload)])
-    s.read(key, pool.slot(1), payload)           # validated: native digest == xxhash's
-    (err, got, size, native) = s._io.read_records(
-        [(str(s.path(key)), pool.slot(1).ctypes.data, record_bytes(payload), True,
-          HEADER_BYTES, payload)])[0]
-    assert (err, native) == (0, digest), (err, native, digest)
+    # The native reader validates the payload against the header's xxhash digest
+    # (written by the Python package above): a differing checksum is a RecordError.
+    s.read(key, pool.slot(1), payload)
+    assert (pool.slot(1)[:record_bytes(payload)] == rec[:record_bytes(payload)]).all()
+    # and a flipped payload byte is caught by the native checksum
+    bad = rec.copy()
+    bad[HEADER_BYTES + 7] ^= 1
+    s.write(key, bad[:record_bytes(payload)])
+    try:
+        s.read(key, pool.slot(2), payload)
+        raise AssertionError("a corrupt payload passed the native checksum")
+    except RecordError:
+        pass
 import kvtier.connector, vllm
 print(f"check-wheel: installed without a compiler; kvtier from {os.path.dirname(kvtier.__file__)}"
       f", extension {os.path.basename(ce.__file__)}, vLLM {vllm.__version__}: OK")
