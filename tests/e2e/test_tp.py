@@ -5,6 +5,7 @@ one rank only ends in a recompute of that block on all ranks."""
 import pytest
 
 from kvtier.cache.keys import chain_keys, root_key
+from kvtier.store.claim import META_DIR
 from kvtier.store.tool import cmd_verify
 from tests.conftest import needs_vllm
 from tests.helpers import BLOCKS_PER_PROMPT, FULL_BLOCK_TOKENS, RECORD_BYTES
@@ -18,7 +19,7 @@ def chain_key_hex(store, prompt: int, block: int) -> str:
     import random
     rng = random.Random(0)
     ps = [[rng.randrange(0, 256) for _ in range(750)] for _ in range(6)]
-    (ns_dir,) = [d for d in store.iterdir() if d.is_dir()]
+    (ns_dir,) = [d for d in store.iterdir() if d.is_dir() and d.name != META_DIR]
     return chain_keys(root_key(bytes.fromhex(ns_dir.name)), ps[prompt], 32)[block].hex()
 
 

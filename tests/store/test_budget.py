@@ -316,6 +316,25 @@ def test_a_read_only_store_is_served_unclaimed_but_never_shared(tmp_path, caplog
             claim_store(root, True)
 
 
+def test_a_claimed_store_can_be_remounted_read_only(tmp_path):
+    """An engine's claim holds no file of the store open for writing: the store's
+    filesystem can go read-only under a running engine (EROFS, then recompute)."""
+    from tests.helpers import tmpfs
+    with tmpfs(tmp_path / "ro", "4m") as root:
+        p = subprocess.Popen([sys.executable, "-c", CLAIM, str(root), "alone"],
+                             stdout=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout.readline().strip() == "claimed"
+            r = subprocess.run(["mount", "-o", "remount,ro", str(root)], capture_output=True,
+                               text=True)
+            assert r.returncode == 0, r.stderr
+            with pytest.raises(StoreInUse):           # still claimed, read-only or not
+                claim_store(root, False)
+        finally:
+            p.kill()
+            p.wait()
+
+
 def test_a_planted_metadata_directory_is_refused(tmp_path):
     from kvtier.store.safety import UnsafeStore
     root = tmp_path / "kv"
