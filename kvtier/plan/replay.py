@@ -216,15 +216,19 @@ def replay(trace: Trace, tiers: Sequence[TierSpec], *, sample_interval_s: float 
             win_hit = win_in = 0
             next_sample += timeline.interval_s
 
+    def complete_next() -> None:
+        """The earliest pending completion: the timeline up to it, then its blocks."""
+        e, j, ks, lt = heapq.heappop(pending)
+        if timeline is not None:
+            sample_until(e)
+        ttl_now[0] = req_ttl[j] if req_ttl is not None else 0.0
+        complete(e, ks, lt)
+
     last_report = time.monotonic()
     for i in range(n_req):
         t = arrival[i]
         while pending and pending[0][0] <= t:
-            e, j, ks, lt = heapq.heappop(pending)
-            if timeline is not None:
-                sample_until(e)
-            ttl_now[0] = req_ttl[j] if req_ttl is not None else 0.0
-            complete(e, ks, lt)
+            complete_next()
         if timeline is not None:
             sample_until(t)
         keys = keys_np[off[i]:off[i + 1]].tolist()
@@ -258,11 +262,7 @@ def replay(trace: Trace, tiers: Sequence[TierSpec], *, sample_interval_s: float 
                 progress(i, n_req)
                 last_report = now
     while pending:
-        e, j, ks, lt = heapq.heappop(pending)
-        if timeline is not None:
-            sample_until(e)
-        ttl_now[0] = req_ttl[j] if req_ttl is not None else 0.0
-        complete(e, ks, lt)
+        complete_next()
     if timeline is not None:
         sample_until(next_sample)   # close the last window
     if progress is not None:
