@@ -185,6 +185,8 @@ done
 
 "$PY" - "$RESULTS" "$LOGS" $((SECONDS - START)) "$GPU" <<'EOF'
 import json, sys
+sys.path.insert(0, ".")
+from benchmarks.stamp import stamp
 results, logs, seconds, gpu = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 steps = {}
 for line in open(results):
@@ -199,6 +201,6 @@ except (OSError, IndexError, ValueError):
 print(json.dumps({"ok": all(s["status"] != "fail" for s in steps.values()),
                   "gpu": gpu or None, "seconds": seconds,
                   "skipped": [n for n, s in steps.items() if s["status"] == "skip"],
-                  "steps": steps, "bench": bench, "logs": logs}))
+                  "steps": steps, "bench": bench, "logs": logs, "stamp": stamp()}))
 EOF
 ! grep -q $'\tfail\t' "$RESULTS"

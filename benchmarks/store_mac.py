@@ -33,7 +33,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,23 +41,16 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from kvtier.copy.engine import HostPool
-from kvtier.store.disk import DiskStore
-from kvtier.store.record import HEADER_BYTES, record_bytes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script
+from benchmarks.stamp import line, stamp  # noqa: E402
+from kvtier.copy.engine import HostPool  # noqa: E402
+from kvtier.store.disk import DiskStore  # noqa: E402
+from kvtier.store.record import HEADER_BYTES, record_bytes  # noqa: E402
 
 GB = 1e9
 MiB = 1 << 20
 NS = bytes(range(16))
 BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2   # Llama-8B, bf16, K and V
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).resolve().parent,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
 
 
 def fs_of(path: Path) -> str:
@@ -124,6 +116,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--tokens", type=int, default=16, help="tokens per block (record size)")
     ap.add_argument("--threads", type=int, default=4)
     a = ap.parse_args(argv)
+    st = stamp()
+    print(f"store_mac: {line(st)}", flush=True)
     if a.rounds < 1:
         ap.error("--rounds must be >= 1")
     payload = a.tokens * BYTES_PER_TOKEN
@@ -188,9 +182,7 @@ def main(argv: list[str]) -> int:
                     "threads": a.threads, "rounds": a.rounds, "dir": fs_of(base),
                     "o_direct": stores["plain"].o_direct,
                     "backend": stores["plain"].io_backend,
-                    "machine": f"{platform.node()} {os.cpu_count()} CPUs",
-                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                    "commit": commit()})
+                    "stamp": st})
     shutil.rmtree(base, ignore_errors=True)
     print(json.dumps(figures))
     return 0
