@@ -154,8 +154,14 @@ class Server:
                 "temperature": 0, **params}
         req = urllib.request.Request(self.url + "/v1/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:   # say why: the server's answer and its log
+            body = e.read().decode(errors="replace")[:2000]
+            raise RuntimeError(f"HTTP {e.code} from {self.url}/v1/completions: {body}\n"
+                               f"server log ({self.log_path}), last lines:\n"
+                               f"{self.log_tail(80)}") from e
 
     def metrics(self) -> str:
         with urllib.request.urlopen(self.url + "/metrics", timeout=30) as r:
