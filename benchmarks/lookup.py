@@ -7,7 +7,8 @@ for finding where a hit may end (no window is whole, so the whole prompt is
 scanned). Requests are vLLM's own, with its sha256 block hasher (the default).
 Per sample, three lookups:
   cold    a new request, nothing known of its blocks: its 4,096 kvtier keys
-          are hashed in the call (the first request after a restart);
+          (and the window group's) are hashed in the call (the first request
+          after a restart);
   warm    a new request whose prefix this process has seen: its keys come from
           vLLM's block hashes (the steady state of an agent resending a prefix);
   repeat  the same request again (vLLM asks again on the next step).
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
     print(f"lookup: {line(st)}", flush=True)
 
     from vllm.sampling_params import SamplingParams
+    from vllm.utils.gc_utils import freeze_gc_heap
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
     from vllm.v1.request import Request
@@ -60,12 +62,16 @@ def main(argv=None) -> int:
         for g in ((0, 1) if i % 2 else (0,)):   # every other window record missing
             b = sched.ledger.begin_store(group_key(keys[i], g), sched.clock())
             sched.ledger.end_store(b, True)
+    # As in vLLM's engine core after start-up: its heap frozen out of the collector
+    # (the tier filled above is the long-lived state a lookup runs beside).
+    freeze_gc_heap()
     sp = SamplingParams(max_tokens=1)
     times: dict[str, list[float]] = {"cold": [], "warm": [], "repeat": []}
     for s in range(a.samples):
         for kind in ("cold", "warm"):
             if kind == "cold":
                 sched._key_memo.clear()
+                sched._group_key_memo.clear()
             req = Request(f"{kind}{s}", tokens, sp, None, block_hasher=hasher)
             t0 = time.perf_counter()
             got = sched.get_num_new_matched_tokens(req, 0)

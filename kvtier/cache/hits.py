@@ -18,6 +18,7 @@ from kvtier.cache.groups import KVGroup
 from kvtier.cache.ledger import NO_SLOT, Block, Ledger, State
 
 DRAM, DISK = "dram", "disk"
+UNSEEN = False   # a (block, group) not looked up yet (found: a tuple; missing: None)
 MISSED_PROBES_PER_LOOKUP = 4   # shared-store file checks that found nothing, per lookup
 
 
@@ -59,43 +60,44 @@ class HitSearch:
         self.declined = declined
         self.probe = probe
 
-    def longest(self, key_of, chain: list[bytes], start: int, limit: int,
-                now: float) -> list[Hit]:
+    def longest(self, keys_of, start: int, limit: int, now: float) -> list[Hit]:
         """What the longest loadable hit after ``start`` needs, block by block.
 
         Every full-attention group needs each block of the hit; a sliding-window
         group only the last blocks its window sees, so the hit ends at the
         furthest point where those are present too. A tier whose load would be
         slower than recomputing is not used (``_slow_tier``). Each (block, group)
-        is looked up at most once: linear in the prompt's length. ``key_of(i, g)``:
-        the record key of block ``i`` in group ``g``; ``chain``: group 0's keys."""
-        UNSEEN = False
+        is looked up at most once: linear in the prompt's length. ``keys_of(g, n)``:
+        the record keys of group ``g``'s first ``n`` (or more) blocks."""
         where = {g.index: [UNSEEN] * limit for g in self.groups}
         probes = [MISSED_PROBES_PER_LOOKUP]
         locate = self.ledger.locate
 
-        def tier(i: int, g: KVGroup) -> tuple[str, Block] | None:
+        def look(g: KVGroup, lo: int, hi: int) -> list:
+            """Where blocks ``[lo, hi)`` of group ``g`` load from (None: missing)."""
             w = where[g.index]
-            got = w[i]
-            if got is UNSEEN:
-                key = key_of(i, g.index)
-                got = w[i] = locate(key, now) or self._probe(key, now, probes)
-            return got
+            if UNSEEN in w[lo:hi]:
+                keys = keys_of(g.index, hi)
+                w[lo:hi] = [locate(k, now) or self._probe(k, now, probes) if got is UNSEEN
+                            else got for got, k in zip(w[lo:hi], keys[lo:hi])]
+            return w
 
         end = start
-        if len(self.full_groups) == 1 and self.full_groups[0].index == 0:
-            keys, w = chain, where[0]   # the common case, inlined
+        if len(self.full_groups) == 1:   # the common case: in bulk, chunks growing to a miss
+            g, step = self.full_groups[0], 32
             while end < limit:
-                got = w[end] = locate(keys[end], now) or self._probe(keys[end], now, probes)
-                if got is None:
+                hi = min(limit, end + step)
+                seg = look(g, end, hi)[end:hi]
+                if None in seg:
+                    end += seg.index(None)
                     break
-                end += 1
+                end, step = hi, 2 * step
         else:
-            while end < limit and all(tier(end, g) for g in self.full_groups):
+            while end < limit and all(look(g, end, end + 1)[end] for g in self.full_groups):
                 end += 1
         declined = set()
         while end > start:
-            end = self._fit_windows(start, end, tier)
+            end = self._fit_windows(start, end, look)
             if end <= start:
                 break
             hits = []
@@ -117,22 +119,24 @@ class HitSearch:
             end = cut
         return []
 
-    def _fit_windows(self, start: int, end: int, tier) -> int:
+    def _fit_windows(self, start: int, end: int, look) -> int:
         """The furthest hit end <= ``end`` for which every sliding-window group has
-        the blocks its window needs."""
+        the blocks its window needs: the largest ``e`` whose blocks
+        ``[max(start, e - window), e)`` are all present. The window at ``end`` is
+        looked up first; only when it is broken is the rest looked up (in bulk)."""
         changed = True
         while changed and end > start:
             changed = False
             for g in self.window_groups:
-                e = end
-                while e > start:
-                    j = e - 1
-                    lo = max(start, e - g.window_blocks)
-                    while j >= lo and tier(j, g):
-                        j -= 1
-                    if j < lo:
-                        break
-                    e = j   # block j is missing: the hit must end at or before it
+                lo = max(start, end - g.window_blocks)
+                w = look(g, lo, end)
+                if all(w[lo:end]):
+                    continue
+                w = look(g, start, end)
+                present = bytes(map(bool, w[start:end]))
+                run = present.rfind(b"\x01" * g.window_blocks)   # the last whole window
+                e = start + max(run + g.window_blocks if run >= 0 else 0,
+                                len(present) - len(present.lstrip(b"\x01")))
                 if e != end:
                     end, changed = e, True
         return end

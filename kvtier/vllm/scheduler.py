@@ -90,6 +90,7 @@ class ReqState:
     store_jobs: int = 0          # store jobs not yet answered by every rank
     load: LoadPlan | None = None  # a load in flight
     group_keys: dict[int, list] = field(default_factory=dict)   # group -> record keys (lazy)
+    group_memo: dict[int, dict] = field(default_factory=dict)   # group -> {block key: its key}
     retention: Retention = Retention(0.0, False)   # what the request asked for
     tenant: str = ""             # its cache_salt
     local_tokens: int = 0        # vLLM's own prefix hit at the last lookup
@@ -99,12 +100,26 @@ class ReqState:
 
     def key(self, i: int, g: int) -> bytes:
         """The record key of block ``i`` in KV cache group ``g``."""
+        return self.chain.keys[i] if g == 0 else self.keys_of(g, i + 1)[i]
+
+    def keys_of(self, g: int, n: int) -> list[bytes]:
+        """Group ``g``'s record keys of (at least) the first ``n`` blocks: derived in
+        bulk (a window scan walks many of them), through ``group_memo`` (shared by
+        the requests of one scheduler: a prefix seen before is not hashed again)."""
         if g == 0:
-            return self.chain.keys[i]
+            return self.chain.keys
         keys = self.group_keys.setdefault(g, [])
-        if len(keys) <= i:   # derived in bulk: a window scan walks many of them
-            keys += [group_key(k, g) for k in self.chain.keys[len(keys):i + 1]]
-        return keys[i]
+        if len(keys) < n:
+            memo = self.group_memo.setdefault(g, {})
+            get = memo.get
+            for k in self.chain.keys[len(keys):n]:
+                gk = get(k)
+                if gk is None:
+                    gk = memo[k] = group_key(k, g)
+                keys.append(gk)
+            while len(memo) > KEY_MEMO_ENTRIES:
+                del memo[next(iter(memo))]
+        return keys
 
 
 @dataclass
@@ -196,6 +211,7 @@ class KVTierScheduler:
         # resent prefix is looked up, not hashed again (a 128K-token prompt: 4,096
         # blake2b calls). Bounded; oldest first out.
         self._key_memo: dict[bytes, bytes] | None = {} if memo_keys else None
+        self._group_key_memo: dict[int, dict[bytes, bytes]] = {}   # see ReqState.keys_of
         # KV events for routers (vLLM's --kv-events-config): a block's vLLM hash
         # rides on its ledger block; its arrivals and departures become events.
         self.ledger.track = events
@@ -280,7 +296,7 @@ class KVTierScheduler:
                             request.request_id, retention.error)
                 self.stats.inc("kvtier_bad_request_params_total")
             st = ReqState(request, KeyChain(root, self.block_size), retention=retention,
-                          tenant=salt or "")
+                          tenant=salt or "", group_memo=self._group_key_memo)
             self._reqs[request.request_id] = st
         return st
 
@@ -346,7 +362,7 @@ class KVTierScheduler:
             now = self.clock()
             self.stats.inc("kvtier_lookups_total")
             self.stats.inc("kvtier_lookup_tokens_total", (max_blocks - start) * bs)
-            hits = self.hits.longest(st.key, st.chain.keys, start, max_blocks, now)
+            hits = self.hits.longest(st.keys_of, start, max_blocks, now)
             self._flush_removals()
             end = hits[-1].block + 1 if hits else start
             if end - start < max(1, self.cfg.min_hit_blocks):

@@ -138,6 +138,11 @@ def test_hit_ends_where_the_window_group_has_its_blocks():
     s, keys = filled((9, 10, 11, 12, 19))   # a gap at 13..18: the window is whole up to 13
     n, _ = s.get_num_new_matched_tokens(request(TOKENS), 0)
     assert n == 13 * BS
+    # a hit shorter than the window: its blocks from the hit's start are enough
+    s3, _ = filled((0, 1, 5, 6, 8))
+    assert s3.get_num_new_matched_tokens(request(TOKENS), 0)[0] == 2 * BS
+    s4, _ = filled((5, 6, 9, 10, 12, 13))   # vLLM has blocks 0..4: its hit starts at 5
+    assert s4.get_num_new_matched_tokens(request(TOKENS), 5 * BS)[0] == 2 * BS
     # nothing of the window group: no hit at all (a hit of a full group alone is wrong KV)
     s2, _ = filled(())
     assert s2.get_num_new_matched_tokens(request(TOKENS), 0) == (0, False)
