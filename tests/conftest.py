@@ -71,6 +71,17 @@ def vllm_available() -> bool:
 needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")
 
 
+@pytest.fixture(autouse=True)
+def _close_mini_engines():
+    """A test's MiniEngines (tests/sim.py) stop with it: no copy threads or pools left
+    running into later tests, nothing of the native engines alive at exit."""
+    yield
+    import sys
+    sim = sys.modules.get("tests.sim")
+    if sim is not None:
+        sim.close_engines()
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """A tiny Llama with seeded random weights (real logits for equality tests)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,15 @@ class Req:
     invalid: set = field(default_factory=set)   # pages reported bad while loading
 
 
+_LIVE: "weakref.WeakSet[MiniEngine]" = weakref.WeakSet()
+
+
+def close_engines() -> None:
+    """Shut down every MiniEngine still open (their copy threads and I/O pools)."""
+    for e in list(_LIVE):
+        e.close()
+
+
 class MiniEngine:
     def __init__(self, root: Path, tp: int = 2, pages: int = 48, slots: int = 16,
                  disk_records: int | None = 64, ttl: float = 3600.0, io_threads: int = 2,
@@ -115,6 +125,7 @@ class MiniEngine:
             self._wrap_faults(w, r)
             self.workers.append(w)
             self.kv.append(caches)
+        _LIVE.add(self)
         self.free_pages = list(range(self.num_pages - 1, 0, -1))   # page 0: vLLM's null block
         self.reqs: dict[str, Req] = {}
         self.finished_ids: set[str] = set()
@@ -159,6 +170,13 @@ class MiniEngine:
 
     def fail(self, rank: int, kind: str, how: str = "io", n: int = 1) -> None:
         self._faults.setdefault((rank, kind), []).extend([how] * n)
+
+    def close(self) -> None:
+        """The workers stop (queued copies and writes finish first)."""
+        for w in self.workers:
+            w.shutdown()
+        self.workers = []
+        _LIVE.discard(self)
 
     def restart(self, slots: int | None = None) -> None:
         """The engine dies (requests are lost) and starts again on the same store
