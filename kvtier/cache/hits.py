@@ -67,19 +67,23 @@ class HitSearch:
         group only the last blocks its window sees, so the hit ends at the
         furthest point where those are present too. A tier whose load would be
         slower than recomputing is not used (``_slow_tier``). Each (block, group)
-        is looked up at most once: linear in the prompt's length. ``keys_of(g, n)``:
+        is looked up at most twice: linear in the prompt's length. ``keys_of(g, n)``:
         the record keys of group ``g``'s first ``n`` (or more) blocks."""
         where = {g.index: [UNSEEN] * limit for g in self.groups}
         probes = [MISSED_PROBES_PER_LOOKUP]
-        locate = self.ledger.locate
+        locate_many = self.ledger.locate_many
 
         def look(g: KVGroup, lo: int, hi: int) -> list:
-            """Where blocks ``[lo, hi)`` of group ``g`` load from (None: missing)."""
+            """Where blocks ``[lo, hi)`` of group ``g`` load from (None: missing);
+            a range with any block not yet seen is looked up whole (the same answer
+            for the ones seen)."""
             w = where[g.index]
             if UNSEEN in w[lo:hi]:
-                keys = keys_of(g.index, hi)
-                w[lo:hi] = [locate(k, now) or self._probe(k, now, probes) if got is UNSEEN
-                            else got for got, k in zip(w[lo:hi], keys[lo:hi])]
+                keys = keys_of(g.index, hi)[lo:hi]
+                found = locate_many(keys, now)
+                if self.probe is not None:
+                    found = [f or self._probe(k, now, probes) for f, k in zip(found, keys)]
+                w[lo:hi] = found
             return w
 
         end = start

@@ -111,12 +111,13 @@ class ReqState:
         keys = self.group_keys.setdefault(g, [])
         if len(keys) < n:
             memo = self.group_memo.setdefault(g, {})
-            get = memo.get
-            for k in self.chain.keys[len(keys):n]:
-                gk = get(k)
-                if gk is None:
-                    gk = memo[k] = group_key(k, g)
-                keys.append(gk)
+            base = self.chain.keys[len(keys):n]
+            found = list(map(memo.get, base))
+            if None in found:
+                for i, (k, gk) in enumerate(zip(base, found)):
+                    if gk is None:
+                        found[i] = memo[k] = group_key(k, g)
+            keys += found
             while len(memo) > KEY_MEMO_ENTRIES:
                 del memo[next(iter(memo))]
         return keys
@@ -309,12 +310,8 @@ class KVTierScheduler:
         hashes = getattr(st.request, "block_hashes", None)
         if memo is None or not hashes or len(hashes) < n:
             return chain.extend(st.request.all_token_ids, n)
-        get = memo.get
-        for h in hashes[have:n]:
-            k = get(h)
-            if k is None:
-                break
-            chain.keys.append(k)
+        found = list(map(memo.get, hashes[have:n]))
+        chain.keys += found[:found.index(None)] if None in found else found
         known = len(chain.keys)
         chain.extend(st.request.all_token_ids, n)
         for i in range(known, n):
