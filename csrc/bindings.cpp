@@ -10,6 +10,9 @@
 
 #include "copy/cpu_copy.h"
 #include "io/io_bindings.h"
+#ifdef KVTIER_WITH_B2
+#include "cache/key_bindings.h"
+#endif
 #ifdef KVTIER_WITH_CUDA
 #include "copy/cuda_copy.h"
 #endif
@@ -100,4 +103,7 @@ NB_MODULE(_copy_engine, m) {
 #endif
 
   bind_io(m);  // IoEngine: the disk store's native record I/O (io_engine.h)
+#ifdef KVTIER_WITH_B2
+  bind_keys(m);  // chain_keys, group_keys: block keys in bulk (cache/key_bindings.cpp)
+#endif
 }

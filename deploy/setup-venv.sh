@@ -20,6 +20,8 @@
 #                            (Prometheus: tests/e2e/test_observability.py); .ci/run sets it.
 # System packages (root and apt-get; otherwise the script names what is missing):
 #   libxxhash-dev, pkg-config  build: the store's checksum (csrc/CMakeLists.txt)
+#   libb2-dev                  optional (installed when we may): block keys hashed
+#                              in bulk natively; without it, in Python (same keys)
 #   prometheus                 with KVTIER_TEST_PACKAGES=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +61,11 @@ if [ -n "${need_sys[*]+x}" ] && [ -n "${need_sys[*]}" ]; then
         "as root (apt-get install ${need_sys[*]}) and run this again."
     exit 1
   fi
+fi
+
+if can_apt && command -v pkg-config >/dev/null 2>&1 && ! pkg-config --exists libb2; then
+  say "installing libb2-dev (apt-get; optional: native key hashing)"
+  apt_install libb2-dev || say "apt-get install libb2-dev failed: block keys are hashed in Python"
 fi
 
 stamp="$VENV/.kvtier-setup"

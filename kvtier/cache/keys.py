@@ -20,6 +20,11 @@ from typing import Sequence
 
 import numpy as np
 
+try:   # the same keys in bulk, from libb2 (csrc/cache/key_bindings.cpp), when built
+    from kvtier._copy_engine import chain_keys as _native_chain
+except ImportError:
+    _native_chain = None
+
 FORMAT_VERSION = 1
 KEY_BYTES = 16
 
@@ -71,6 +76,8 @@ def chain_keys(parent: bytes, token_ids: Sequence[int], block_size: int,
         return []
     toks = _u32_le(token_ids, n_full * block_size)
     step = block_size * 4
+    if _native_chain is not None:
+        return split_keys(_native_chain(parent, toks, step))
     blake2b = hashlib.blake2b
     keys = []
     append = keys.append
@@ -78,6 +85,11 @@ def chain_keys(parent: bytes, token_ids: Sequence[int], block_size: int,
         parent = blake2b(parent + toks[off:off + step], digest_size=KEY_BYTES).digest()
         append(parent)
     return keys
+
+
+def split_keys(joined: bytes) -> list[bytes]:
+    """``KEY_BYTES``-byte keys joined in one bytes object, as a list."""
+    return [joined[i:i + KEY_BYTES] for i in range(0, len(joined), KEY_BYTES)]
 
 
 class KeyChain:

@@ -61,3 +61,30 @@ def test_keychain_extends_incrementally():
     assert len(chain.keys) == 1
     chain.extend(toks)
     assert chain.keys == chain_keys(root, toks, 4)
+
+
+def test_native_keys_equal_the_hashlib_keys():
+    """The bulk keys of the native module (libb2) are hashlib's, byte for byte:
+    chain keys and group keys, so stores written by either build agree."""
+    import hashlib
+    import random
+
+    import pytest
+
+    from kvtier.cache import groups, keys
+    if keys._native_chain is None or groups._native_group_keys is None:
+        pytest.skip("kvtier._copy_engine built without libb2")
+    rng = random.Random(3)
+    toks = [rng.randrange(0, 2**32) for _ in range(64 * 32 + 5)]
+    root = root_key(NS.digest(), "salt")
+    want, parent = [], root
+    for i in range(64):
+        data = b"".join(t.to_bytes(4, "little") for t in toks[i * 32:(i + 1) * 32])
+        parent = hashlib.blake2b(parent + data, digest_size=16).digest()
+        want.append(parent)
+    assert chain_keys(root, toks, 32) == want
+    for g in (1, 2, 300):
+        assert groups.group_keys(want, g) == [
+            hashlib.blake2b(k + g.to_bytes(2, "little"), digest_size=16,
+                            person=b"kvtier-group").digest() for k in want]
+    assert groups.group_keys(want, 0) == want
