@@ -182,7 +182,8 @@ class MiniEngine:
         """The engine dies (requests are lost) and starts again on the same store
         (``slots``: with another DRAM size)."""
         self.drain()
-        self.close()
+        for w in self.workers:
+            w.shutdown()
         self.sched.drain_sweeper()
         if slots is not None:
             self.slots = slots

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from kvtier.config import KVTierConfig
-from kvtier.cache.groups import FULL, NULL_BLOCK, KVGroup, group_key, group_keys
+from kvtier.cache.groups import FULL, NULL_BLOCK, KVGroup, group_key
 from kvtier.cache.admission import DiskAdmission
 from kvtier.cache.cost import LoadCostModel
 from kvtier.cache.keys import KeyChain, root_key
@@ -57,12 +57,6 @@ log = logging.getLogger("vllm.kvtier.scheduler")
 PREFILL_STEP_TOKENS = 256   # steps with fewer tokens are decode-bound: no prefill rate
 STREAM_SLOTS = 16           # scratch slots a streamed disk load reuses
 KEY_MEMO_ENTRIES = 1 << 18     # vLLM block hash -> kvtier key, for prefixes seen before
-
-
-def _trim(memo: dict) -> None:
-    """Forget a key memo's oldest entries beyond ``KEY_MEMO_ENTRIES``."""
-    while len(memo) > KEY_MEMO_ENTRIES:
-        del memo[next(iter(memo))]
 
 
 def file_touch_interval(ttl: float) -> float:
@@ -120,11 +114,12 @@ class ReqState:
             base = self.chain.keys[len(keys):n]
             found = list(map(memo.get, base))
             if None in found:
-                todo = [i for i, gk in enumerate(found) if gk is None]
-                for i, gk in zip(todo, group_keys([base[i] for i in todo], g)):
-                    found[i] = memo[base[i]] = gk
+                for i, (k, gk) in enumerate(zip(base, found)):
+                    if gk is None:
+                        found[i] = memo[k] = group_key(k, g)
             keys += found
-            _trim(memo)
+            while len(memo) > KEY_MEMO_ENTRIES:
+                del memo[next(iter(memo))]
         return keys
 
 
@@ -321,7 +316,8 @@ class KVTierScheduler:
         chain.extend(st.request.all_token_ids, n)
         for i in range(known, n):
             memo[hashes[i]] = chain.keys[i]
-        _trim(memo)
+        while len(memo) > KEY_MEMO_ENTRIES:
+            del memo[next(iter(memo))]
         return chain.keys
 
     def _unpin_hits(self, pending: PendingHit | None, keep=lambda hit: False) -> None:
@@ -516,14 +512,6 @@ class KVTierScheduler:
     # ---------------------------------------------------------------- stores
     def build_connector_meta(self, so) -> KVTierMetadata:
         with self._lock:
-            # A hit vLLM did not allocate pages for this step (no room, no token
-            # budget) lets go of its pins and slot now; vLLM asks again next step.
-            # Held across steps, its slot could starve a request that holds GPU
-            # pages and waits for one, while vLLM keeps pages reserved for that
-            # request: neither could move (a stall seen in the stress test).
-            for pending in self._pending_hits.values():
-                self._drop_pending(pending)
-            self._pending_hits.clear()
             meta = KVTierMetadata(loads=self._new_loads,
                                   flush_gathers=bool(so.preempted_req_ids) or self._flush_next,
                                   await_sending=self._await_sending)
