@@ -21,12 +21,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from kvtier.cache.keys import split_keys
-
-try:   # the same keys in bulk, from libb2 (csrc/cache/key_bindings.cpp), when built
-    from kvtier._copy_engine import group_keys as _native_group_keys
-except ImportError:
-    _native_group_keys = None
+from kvtier.cache.keys import native_hasher, split_keys
 
 NULL_BLOCK = 0   # vLLM's BlockPool reserves block 0 as the null block
 
@@ -67,6 +62,7 @@ def group_keys(keys: list[bytes], index: int) -> list[bytes]:
     """``group_key`` of each of ``keys``."""
     if index == 0:
         return list(keys)
-    if _native_group_keys is not None and keys:
-        return split_keys(_native_group_keys(b"".join(keys), index))
+    native = native_hasher("group_keys")
+    if native is not None and keys:
+        return split_keys(native(b"".join(keys), index))
     return [group_key(k, index) for k in keys]

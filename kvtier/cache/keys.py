@@ -20,10 +20,21 @@ from typing import Sequence
 
 import numpy as np
 
-try:   # the same keys in bulk, from libb2 (csrc/cache/key_bindings.cpp), when built
-    from kvtier._copy_engine import chain_keys as _native_chain
-except ImportError:
-    _native_chain = None
+# Bulk hashers of the same keys from the native module (libb2:
+# csrc/cache/key_bindings.cpp), "chain_keys" and "group_keys", when it has them.
+# cache/ is pure policy and imports no native code: kvtier.store.native, which
+# loads the module, installs them (install_native_hashers).
+_native: dict = {}
+
+
+def install_native_hashers(**hashers) -> None:
+    """Hash keys in bulk with these (the same bytes: tests/cache/test_keys.py)."""
+    _native.update(hashers)
+
+
+def native_hasher(name: str):
+    """The installed bulk hasher ``name``, or None (then hashlib is used)."""
+    return _native.get(name)
 
 FORMAT_VERSION = 1
 KEY_BYTES = 16
@@ -76,8 +87,9 @@ def chain_keys(parent: bytes, token_ids: Sequence[int], block_size: int,
         return []
     toks = _u32_le(token_ids, n_full * block_size)
     step = block_size * 4
-    if _native_chain is not None:
-        return split_keys(_native_chain(parent, toks, step))
+    native = _native.get("chain_keys")
+    if native is not None:
+        return split_keys(native(parent, toks, step))
     blake2b = hashlib.blake2b
     keys = []
     append = keys.append

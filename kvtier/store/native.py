@@ -18,6 +18,10 @@ try:
     scan_records = _ext.scan_records
 except (ImportError, AttributeError):   # not built, or built before csrc/io/io_engine.cpp
     IoEngine = scan_records = None
+else:
+    if hasattr(_ext, "chain_keys"):   # built with libb2 (csrc/cache/key_bindings.cpp)
+        from kvtier.cache.keys import install_native_hashers
+        install_native_hashers(chain_keys=_ext.chain_keys, group_keys=_ext.group_keys)
 
 NATIVE_IO_MODES = ("auto", "threads", "off")
 _FORKED_ENGINES: list = []   # engines inherited through fork(): kept, never joined
