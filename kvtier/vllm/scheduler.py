@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from kvtier.config import KVTierConfig
-from kvtier.cache.groups import FULL, NULL_BLOCK, KVGroup, group_key
+from kvtier.cache.groups import FULL, NULL_BLOCK, KVGroup, group_key, group_keys
 from kvtier.cache.admission import DiskAdmission
 from kvtier.cache.cost import LoadCostModel
 from kvtier.cache.keys import KeyChain, root_key
@@ -114,9 +114,9 @@ class ReqState:
             base = self.chain.keys[len(keys):n]
             found = list(map(memo.get, base))
             if None in found:
-                for i, (k, gk) in enumerate(zip(base, found)):
-                    if gk is None:
-                        found[i] = memo[k] = group_key(k, g)
+                todo = [i for i, gk in enumerate(found) if gk is None]
+                for i, gk in zip(todo, group_keys([base[i] for i in todo], g)):
+                    found[i] = memo[base[i]] = gk
             keys += found
             while len(memo) > KEY_MEMO_ENTRIES:
                 del memo[next(iter(memo))]
