@@ -62,44 +62,82 @@ void groups(const uint8_t* keys, size_t n, unsigned index, uint8_t* out) {
   }
 }
 
+// The 16-byte keys at out[0..n) as a list of bytes objects.
+nb::list key_list(const std::string& out) {
+  nb::list keys;
+  for (size_t i = 0; i < out.size(); i += kKey) keys.append(nb::bytes(out.data() + i, kKey));
+  return keys;
+}
+
+// The first n token ids of a Python sequence (a list: no copy) as little-endian
+// uint32 bytes; an id outside [0, 2^32) is an error, as array("I") makes it.
+std::string u32_le(nb::handle token_ids, size_t n) {
+  PyObject* seq = PySequence_Fast(token_ids.ptr(), "token ids must be a sequence");
+  if (!seq) throw nb::python_error();
+  nb::object owned = nb::steal(seq);
+  if (static_cast<size_t>(PySequence_Fast_GET_SIZE(seq)) < n)
+    throw std::invalid_argument("fewer token ids than the blocks asked for");
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  std::string out(n * 4, '\0');
+  auto* dst = reinterpret_cast<uint8_t*>(out.data());
+  for (size_t i = 0; i < n; ++i) {
+    unsigned long v = PyLong_AsUnsignedLong(items[i]);
+    if (v == static_cast<unsigned long>(-1) && PyErr_Occurred()) throw nb::python_error();
+    if (v > 0xffffffffUL) throw std::overflow_error("token id does not fit in 32 bits");
+    dst[4 * i] = static_cast<uint8_t>(v);
+    dst[4 * i + 1] = static_cast<uint8_t>(v >> 8);
+    dst[4 * i + 2] = static_cast<uint8_t>(v >> 16);
+    dst[4 * i + 3] = static_cast<uint8_t>(v >> 24);
+  }
+  return out;
+}
+
 }  // namespace
 
 void bind_keys(nb::module_& m) {
   m.def(
       "chain_keys",
-      [](nb::bytes parent, nb::bytes tokens, size_t block_bytes) {
+      [](nb::bytes parent, nb::handle token_ids, size_t block_size, size_t n) {
         if (parent.size() != kKey) throw std::invalid_argument("parent must be 16 bytes");
-        if (block_bytes == 0 || tokens.size() % block_bytes)
-          throw std::invalid_argument("tokens must be whole blocks of block_bytes");
-        size_t n = tokens.size() / block_bytes;
+        if (block_size == 0) throw std::invalid_argument("block_size must be > 0");
+        std::string tokens = u32_le(token_ids, n * block_size);
         std::string out(n * kKey, '\0');
         {
-          nb::gil_scoped_release released;   // the bytes objects are immutable, held by the caller
+          nb::gil_scoped_release released;   // parent is immutable, held by the caller
           chain(reinterpret_cast<const uint8_t*>(parent.c_str()),
-                reinterpret_cast<const uint8_t*>(tokens.c_str()), n, block_bytes,
+                reinterpret_cast<const uint8_t*>(tokens.data()), n, block_size * 4,
                 reinterpret_cast<uint8_t*>(out.data()));
         }
-        return nb::bytes(out.data(), out.size());
+        return key_list(out);
       },
-      "parent"_a, "tokens"_a, "block_bytes"_a,
-      "The chained keys of whole blocks of little-endian uint32 token ids, joined "
-      "(16 bytes each).");
+      "parent"_a, "token_ids"_a, "block_size"_a, "n"_a,
+      "The chained keys of the first ``n`` whole blocks of ``token_ids`` (a sequence "
+      "of ints), a list of 16-byte keys.");
   m.def(
       "group_keys",
-      [](nb::bytes keys, unsigned index) {
-        if (keys.size() % kKey) throw std::invalid_argument("keys must be 16 bytes each");
+      [](nb::handle keys, unsigned index) {
         if (index > 0xffff) throw std::invalid_argument("group index out of range");
-        size_t n = keys.size() / kKey;
+        PyObject* seq = PySequence_Fast(keys.ptr(), "keys must be a sequence of bytes");
+        if (!seq) throw nb::python_error();
+        nb::object owned = nb::steal(seq);
+        size_t n = PySequence_Fast_GET_SIZE(seq);
+        PyObject** items = PySequence_Fast_ITEMS(seq);
+        std::string in(n * kKey, '\0');
+        for (size_t i = 0; i < n; ++i) {
+          if (!PyBytes_Check(items[i]) || PyBytes_GET_SIZE(items[i]) != kKey)
+            throw std::invalid_argument("keys must be 16-byte bytes objects");
+          std::memcpy(in.data() + i * kKey, PyBytes_AS_STRING(items[i]), kKey);
+        }
         std::string out(n * kKey, '\0');
         {
           nb::gil_scoped_release released;
-          groups(reinterpret_cast<const uint8_t*>(keys.c_str()), n, index,
+          groups(reinterpret_cast<const uint8_t*>(in.data()), n, index,
                  reinterpret_cast<uint8_t*>(out.data()));
         }
-        return nb::bytes(out.data(), out.size());
+        return key_list(out);
       },
       "keys"_a, "index"_a,
-      "Group ``index``'s record keys of joined 16-byte block keys, joined.");
+      "Group ``index``'s record keys of a sequence of 16-byte block keys, a list.");
 }
 
 }  // namespace kvtier

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from kvtier.cache.keys import native_hasher, split_keys
+from kvtier.cache.keys import native_hasher
 
 NULL_BLOCK = 0   # vLLM's BlockPool reserves block 0 as the null block
 
@@ -63,6 +63,6 @@ def group_keys(keys: list[bytes], index: int) -> list[bytes]:
     if index == 0:
         return list(keys)
     native = native_hasher("group_keys")
-    if native is not None and keys:
-        return split_keys(native(b"".join(keys), index))
+    if native is not None:
+        return native(keys, index)
     return [group_key(k, index) for k in keys]

@@ -85,11 +85,11 @@ def chain_keys(parent: bytes, token_ids: Sequence[int], block_size: int,
         n_full = len(token_ids) // block_size
     if n_full <= 0:
         return []
+    native = _native.get("chain_keys")
+    if native is not None:   # reads the ids straight from the sequence
+        return native(parent, token_ids, block_size, n_full)
     toks = _u32_le(token_ids, n_full * block_size)
     step = block_size * 4
-    native = _native.get("chain_keys")
-    if native is not None:
-        return split_keys(native(parent, toks, step))
     blake2b = hashlib.blake2b
     keys = []
     append = keys.append
@@ -97,11 +97,6 @@ def chain_keys(parent: bytes, token_ids: Sequence[int], block_size: int,
         parent = blake2b(parent + toks[off:off + step], digest_size=KEY_BYTES).digest()
         append(parent)
     return keys
-
-
-def split_keys(joined: bytes) -> list[bytes]:
-    """``KEY_BYTES``-byte keys joined in one bytes object, as a list."""
-    return [joined[i:i + KEY_BYTES] for i in range(0, len(joined), KEY_BYTES)]
 
 
 class KeyChain:

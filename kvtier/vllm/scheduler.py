@@ -56,6 +56,7 @@ log = logging.getLogger("vllm.kvtier.scheduler")
 
 PREFILL_STEP_TOKENS = 256   # steps with fewer tokens are decode-bound: no prefill rate
 STREAM_SLOTS = 16           # scratch slots a streamed disk load reuses
+STARVED_LOG_S = 30.0        # how often a lookup deferred for want of a slot is logged
 KEY_MEMO_ENTRIES = 1 << 18     # vLLM block hash -> kvtier key, for prefixes seen before
 
 
@@ -113,7 +114,10 @@ class ReqState:
             memo = self.group_memo.setdefault(g, {})
             base = self.chain.keys[len(keys):n]
             found = list(map(memo.get, base))
-            if None in found:
+            if found.count(None) == len(found):   # none seen (a cold prefix): in bulk
+                found = group_keys(base, g)
+                memo.update(zip(base, found))
+            elif None in found:
                 todo = [i for i, gk in enumerate(found) if gk is None]
                 for i, gk in zip(todo, group_keys([base[i] for i in todo], g)):
                     found[i] = memo[base[i]] = gk
@@ -190,6 +194,7 @@ class KVTierScheduler:
 
         self._reqs: dict[str, ReqState] = {}
         self._pending_hits: dict[str, PendingHit] = {}
+        self._starved_logged = -STARVED_LOG_S
         self._loads: dict[str, LoadPlan] = {}
         self._new_loads: list[LoadJob] = []
         self._await_sending: set[str] = set()   # to tell the workers, next step
@@ -307,15 +312,19 @@ class KVTierScheduler:
         have = len(chain.keys)
         if have >= n:
             return chain.keys
+        # The prompt's ids are a plain list (read without a copy); all_token_ids
+        # (a read-only view) once the blocks run into the output.
+        ids = getattr(st.request, "prompt_token_ids", None)
+        if ids is None or len(ids) < n * self.block_size:
+            ids = st.request.all_token_ids
         hashes = getattr(st.request, "block_hashes", None)
         if memo is None or not hashes or len(hashes) < n:
-            return chain.extend(st.request.all_token_ids, n)
+            return chain.extend(ids, n)
         found = list(map(memo.get, hashes[have:n]))
         chain.keys += found[:found.index(None)] if None in found else found
         known = len(chain.keys)
-        chain.extend(st.request.all_token_ids, n)
-        for i in range(known, n):
-            memo[hashes[i]] = chain.keys[i]
+        chain.extend(ids, n)
+        memo.update(zip(hashes[known:n], chain.keys[known:n]))
         while len(memo) > KEY_MEMO_ENTRIES:
             del memo[next(iter(memo))]
         return chain.keys
@@ -375,9 +384,24 @@ class KVTierScheduler:
                 if not pending.scratch:
                     self._drop_pending(pending)
                     self.stats.inc("kvtier_deferred_lookups_total")
+                    self._log_starved(request.request_id, now)
                     return None, False
             self._pending_hits[request.request_id] = pending
             return (end - start) * bs, True
+
+    def _log_starved(self, req_id: str, now: float) -> None:
+        """A disk hit found no DRAM slot (the lookup is deferred): say who holds
+        the slots, at most every ``STARVED_LOG_S`` (a stuck engine says why)."""
+        if now - self._starved_logged < STARVED_LOG_S:
+            return
+        self._starved_logged = now
+        pinned = sum(1 for e in self.ledger.dram._entries.values() if e.value.pins)
+        log.info("kvtier: no DRAM slot for the disk hit of %s (lookup deferred): %d slots, "
+                 "%d in the DRAM tier (%d pinned), %d held by fills and scratch; %d loads "
+                 "in flight, %d store jobs, %d writes, %d stages, %d lookups pending",
+                 req_id, self.ledger.num_slots, len(self.ledger.dram), pinned,
+                 self.ledger.held_slots, len(self._loads), len(self._store_jobs),
+                 len(self._writes), len(self._stages), len(self._pending_hits))
 
     def _probe_shared(self, key: bytes, now: float) -> Block | None:
         """Index miss: another process may have published the block (shared store)."""

@@ -84,6 +84,12 @@ def test_native_keys_equal_the_hashlib_keys():
         parent = hashlib.blake2b(parent + data, digest_size=16).digest()
         want.append(parent)
     assert chain_keys(root, toks, 32) == want
+    assert chain_keys(root, tuple(toks), 32, 10) == want[:10]   # any sequence, any length
+    assert KeyChain(root, 32).extend(toks) == want
+    for bad in (2**32, -1):   # ids outside uint32 are refused, as the hashlib path does
+        with pytest.raises(OverflowError):
+            chain_keys(root, toks[:31] + [bad], 32)
+    assert groups.group_keys([], 1) == []
     for g in (1, 2, 300):
         assert groups.group_keys(want, g) == [
             hashlib.blake2b(k + g.to_bytes(2, "little"), digest_size=16,
