@@ -46,6 +46,9 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "kvtier_io_errors_total": ("counter", "Disk I/O errors (ENOSPC, EIO, ...)", ()),
     "kvtier_deferred_lookups_total": ("counter", "Lookups answered 'ask again next step': every "
                                       "DRAM slot was held by loads and stores in flight", ()),
+    "kvtier_reload_refused_total": ("counter", "Requests recomputed because their load failed "
+                                    "from its first block (no second load: it could fail the "
+                                    "same way forever)", ()),
     "kvtier_streamed_blocks_total": ("counter", "Disk blocks loaded through scratch slots (DRAM "
                                      "too full to stage them)", ()),
     "kvtier_pins_refused_total": ("counter", "Blocks a request asked to pin (kvtier.pin) that "

@@ -96,6 +96,9 @@ class ReqState:
     tenant: str = ""             # its cache_salt
     local_tokens: int = 0        # vLLM's own prefix hit at the last lookup
     loaded: dict[str, int] = field(default_factory=dict)   # tokens kvtier loads, by tier
+    # vLLM's preemption count of the request when kvtier last planned it a load
+    # (None: never). See get_num_new_matched_tokens.
+    loaded_at_preemption: int | None = None
     stored_blocks: int = 0       # blocks of group 0 this request stored
     pins_refused: set = field(default_factory=set)   # keys whose pin went over the budget
 
@@ -360,6 +363,14 @@ class KVTierScheduler:
                 st.local_tokens = num_computed_tokens
             if st is None or num_computed_tokens % bs or st.load is not None:
                 return 0, False
+            if st.loaded_at_preemption == getattr(request, "num_preemptions", 0):
+                # Asked again after a load, not preempted since: that load failed
+                # from its first block (vLLM freed the pages and starts over). The
+                # same load may fail the same way (a dying disk) and vLLM would
+                # reschedule it forever; and it reserves the request's pages against
+                # its own new load, so with a full GPU cache nothing runs. Recompute.
+                self.stats.inc("kvtier_reload_refused_total")
+                return 0, False
             max_blocks = (request.num_tokens - 1) // bs   # the last token is recomputed
             start = num_computed_tokens // bs
             if max_blocks <= start:
@@ -489,6 +500,7 @@ class KVTierScheduler:
             for tier, tokens in plan.tokens_by_tier.items():
                 self.stats.inc("kvtier_hit_tokens_total", tokens, tier=tier)
             st.loaded = dict(plan.tokens_by_tier)
+            st.loaded_at_preemption = getattr(request, "num_preemptions", 0)
             st.load = plan
             self._loads[request.request_id] = plan
             self._new_loads.append(LoadJob(request.request_id, plan.items))

@@ -247,3 +247,23 @@ def test_slow_disk_load_is_declined(model_dir, tmp_path):
         assert metric_value(m, "kvtier_hit_tokens_total", tier="disk") \
             <= measured * FULL_BLOCK_TOKENS
         assert alive(s)
+
+
+def test_a_disk_that_fails_every_read_costs_a_recompute_not_a_stuck_request(model_dir, tmp_path):
+    """Every disk read fails (a dying disk: EIO on each read; injected, a real EIO
+    cannot be caused here). A request whose load failed is rescheduled by vLLM,
+    which asks kvtier again: offered the same load, it would fail the same way,
+    again and again, and the request would never finish. It is recomputed, with
+    the right answer, and loads stay bounded: at most one per request."""
+    store, ps = tmp_path / "store", prompts(3, seed=13)
+    with server(model_dir, store, tmp_path / "a.log") as s:
+        ref, _ = write_prompts(s, store, ps)
+    with server(model_dir, store, tmp_path / "b.log",
+                env={"KVTIER_FAULT_READ_ERROR_RATE": "1"}) as s:
+        for p, want in zip(ps, ref):
+            assert text(s.complete(p, timeout=120)) == want
+        m = s.metrics()
+        failed = metric_value(m, "kvtier_load_failures_total", reason="io_error")
+        assert 1 <= failed <= len(ps) * BLOCKS_PER_PROMPT, failed
+        assert metric_value(m, "kvtier_reload_refused_total") >= 1
+        assert alive(s)
