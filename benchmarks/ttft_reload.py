@@ -24,8 +24,10 @@ Engine 3 (DRAM 48 MiB: the issue's DRAM-pressure sequence), per sample i:
   reset, then
   pressure   A_i: partly DRAM, partly disk; then
   local3     A_i again (the floor).
-No reuse: plain vLLM and kvtier take turns over batches of new prompts; a
-kvtier batch's time runs until its offload is done (in its own window). The last line printed is one JSON object of the figures.
+No reuse: plain vLLM and kvtier take turns (alternating who goes first) over
+the same batches of new prompts, each sample a fresh engine in its own
+process; a kvtier batch's time runs until its offload is done (in its own
+window). The last line printed is one JSON object of the figures.
 """
 
 from __future__ import annotations
@@ -218,29 +220,46 @@ def run_ttft(model: str, n: int, samples: int, work: Path, rng) -> dict:
     }
 
 
-def run_throughput(model: str, work: Path, batches: int, prompts: int, tokens: int,
-                   output: int, rng) -> dict:
+def _throughput_sample(model: str, max_len: int, extra: dict | None, batch: list[list[int]],
+                       output: int, warm: list[int], out) -> None:
+    """In a process of its own: one engine, warmed up, then one timed batch.
+    A kvtier batch's time runs until its offload is done (the batch's own work)."""
     from vllm import SamplingParams
     sp = SamplingParams(max_tokens=output, temperature=0, ignore_eos=True)
+    llm = make_llm(model, max_len, extra)
+    llm.generate([{"prompt_token_ids": warm}], sp, use_tqdm=False)
+    if extra is not None:
+        offload_done(llm)
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], sp, use_tqdm=False)
+    if extra is not None:
+        offload_done(llm)
+    secs = time.perf_counter() - t0
+    out.put(sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs) / secs)
+
+
+def run_throughput(model: str, work: Path, batches: int, prompts: int, tokens: int,
+                   output: int, rng) -> dict:
+    """Plain vLLM and kvtier take turns over the same batches of new prompts;
+    each sample is a fresh engine in a process of its own (two engines alive
+    at once on this 2-core VM disturbed each other: see docs/benchmarks.md)."""
     max_len = tokens + output + 64
-    store = work / "store-tput"
-    engines = {"vllm": make_llm(model, max_len, None),
-               "kvtier": make_llm(model, max_len, {"dram_bytes": "1GiB", "disk_path": str(store),
-                                                   "disk_bytes": "64GiB"})}
-    for llm in engines.values():
-        llm.generate([{"prompt_token_ids": [rng.randrange(256) for _ in range(512)]}], sp,
-                     use_tqdm=False)
-    rates: dict[str, list[float]] = {name: [] for name in engines}
-    for _ in range(batches):
-        for name, llm in engines.items():
-            batch = [[rng.randrange(0, 256) for _ in range(tokens)] for _ in range(prompts)]
-            t0 = time.perf_counter()
-            outs = llm.generate([{"prompt_token_ids": p} for p in batch], sp, use_tqdm=False)
-            if name == "kvtier":
-                offload_done(llm)   # the offload is the batch's own work
-            secs = time.perf_counter() - t0
-            toks = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs)
-            rates[name].append(toks / secs)
+    ctx = mp.get_context("spawn")
+    rates: dict[str, list[float]] = {"vllm": [], "kvtier": []}
+    for b in range(batches):
+        batch = [[rng.randrange(0, 256) for _ in range(tokens)] for _ in range(prompts)]
+        warm = [rng.randrange(0, 256) for _ in range(512)]
+        configs = {"vllm": None,
+                   "kvtier": {"dram_bytes": "1GiB", "disk_path": str(work / f"store-tput-{b}"),
+                              "disk_bytes": "64GiB"}}
+        order = list(configs) if b % 2 == 0 else list(reversed(configs))
+        for name in order:
+            q = ctx.Queue()
+            proc = ctx.Process(target=_throughput_sample,
+                               args=(model, max_len, configs[name], batch, output, warm, q))
+            proc.start()
+            rates[name].append(q.get(timeout=1800))
+            proc.join()
     ratios = [k / v for k, v in zip(rates["kvtier"], rates["vllm"])]
     return {"tokens_per_s": {k: [round(x) for x in v] for k, v in rates.items()},
             "vllm_median": round(statistics.median(rates["vllm"])),

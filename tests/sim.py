@@ -182,8 +182,7 @@ class MiniEngine:
         """The engine dies (requests are lost) and starts again on the same store
         (``slots``: with another DRAM size)."""
         self.drain()
-        for w in self.workers:
-            w.shutdown()
+        self.close()
         self.sched.drain_sweeper()
         if slots is not None:
             self.slots = slots

@@ -142,7 +142,11 @@ class DiskStore:
         self._tmp_tag = self.budget.lease if self.budget is not None else None
         self.o_direct = self._probe_o_direct(o_direct)
         self.io_backend = pick_backend(native_io)
-        self._engine = EngineHandle(self.io_threads) if self.io_backend == "threads" else None
+        # Reads and writes each have their own engine (threads and queue): a read
+        # never waits behind queued write-through batches.
+        native = self.io_backend == "threads"
+        self._engine = EngineHandle(self.io_threads) if native else None
+        self._read_engine = EngineHandle(self.io_threads) if native else None
         self._pool_lock = threading.Lock()
         self._py_pool: ThreadPoolExecutor | None = None
 
@@ -150,11 +154,17 @@ class DiskStore:
         """Start the I/O engine's threads now rather than in the first read."""
         if self._io is not None:
             self._io.read_records([])
+            self._rio.read_records([])
 
     @property
     def _io(self):
-        """The native engine (None: Python I/O)."""
+        """The native engine of writes (None: Python I/O)."""
         return self._engine.get() if self._engine is not None else None
+
+    @property
+    def _rio(self):
+        """The native engine of reads (None: Python I/O)."""
+        return self._read_engine.get() if self._read_engine is not None else None
 
     # -- paths ---------------------------------------------------------------
     def name(self, key: bytes) -> bytes:
@@ -348,7 +358,7 @@ class DiskStore:
         """Read and validate several records: ``[(key, into, payload_len)]`` -> per
         item None (valid, in ``into``), a RecordError or an OSError. The items' buffers
         must not overlap (they are filled concurrently)."""
-        if self._io is None:
+        if self._rio is None:
             return self._py_map(self._read_py_safe, items)
         if self.keys is None or len(items) <= 2 * self.io_threads or self.io_threads == 1:
             return self._read_native(items)
@@ -379,7 +389,7 @@ class DiskStore:
             addr = buf.ctypes.data
             reqs.append((str(self.path(key)), addr, want, self._direct_ok(addr, want),
                          HEADER_BYTES, payload_len))
-        results = iter(zip(reqs, self._io.read_records(reqs)))
+        results = iter(zip(reqs, self._rio.read_records(reqs)))
         out = []
         todo = []   # items whose MAC is still to check (off this thread, in parallel)
         for (key, into, payload_len), nat in zip(items, native):

@@ -60,6 +60,12 @@ STARVED_LOG_S = 30.0        # how often a lookup deferred for want of a slot is 
 KEY_MEMO_ENTRIES = 1 << 18     # vLLM block hash -> kvtier key, for prefixes seen before
 
 
+def _trim(memo: dict) -> None:
+    """Forget a key memo's oldest entries beyond ``KEY_MEMO_ENTRIES``."""
+    while len(memo) > KEY_MEMO_ENTRIES:
+        del memo[next(iter(memo))]
+
+
 def file_touch_interval(ttl: float) -> float:
     """How stale a record's mtime (its last use across restarts) may get."""
     return min(60.0, ttl / 8)
@@ -125,8 +131,7 @@ class ReqState:
                 for i, gk in zip(todo, group_keys([base[i] for i in todo], g)):
                     found[i] = memo[base[i]] = gk
             keys += found
-            while len(memo) > KEY_MEMO_ENTRIES:
-                del memo[next(iter(memo))]
+            _trim(memo)
         return keys
 
 
@@ -328,8 +333,7 @@ class KVTierScheduler:
         known = len(chain.keys)
         chain.extend(ids, n)
         memo.update(zip(hashes[known:n], chain.keys[known:n]))
-        while len(memo) > KEY_MEMO_ENTRIES:
-            del memo[next(iter(memo))]
+        _trim(memo)
         return chain.keys
 
     def _unpin_hits(self, pending: PendingHit | None, keep=lambda hit: False) -> None:
@@ -548,6 +552,14 @@ class KVTierScheduler:
     # ---------------------------------------------------------------- stores
     def build_connector_meta(self, so) -> KVTierMetadata:
         with self._lock:
+            # A hit vLLM did not allocate pages for this step (no room, no token
+            # budget) lets go of its pins and slot now; vLLM asks again next step.
+            # Held across steps, its slot could starve a request that holds GPU
+            # pages and waits for one, while vLLM keeps pages reserved for that
+            # request: neither could move (a stall seen in the stress test).
+            for pending in self._pending_hits.values():
+                self._drop_pending(pending)
+            self._pending_hits.clear()
             meta = KVTierMetadata(loads=self._new_loads,
                                   flush_gathers=bool(so.preempted_req_ids) or self._flush_next,
                                   await_sending=self._await_sending)

@@ -6,12 +6,15 @@ Threads:
   except when a preemption frees GPU blocks that a queued copy still reads;
 - a *read pool* reads records into DRAM slots, verifying each before it can
   reach the GPU; a separate *write pool* writes slots through to disk, so a
-  load never queues behind write-through.
+  load never queues behind write-through (the store's native engine, too,
+  has separate threads for reads and writes).
 
 Stores: after the step's forward (``wait_for_save``) the newly full blocks are
 gathered into their DRAM slots, then written through to disk. Loads: the
-job's records are read into their slots, then scattered into the request's GPU
-blocks; a long hit streamed through a few scratch slots goes in waves (read,
+job's DRAM hits are scattered into the request's GPU blocks at once; its
+records are read into their slots in chunks, each chunk scattered as soon as
+it is read and checked while the next ones are still read (reads and copies
+overlap); a long hit streamed through a few scratch slots goes in waves (read,
 scatter, reuse the slots). Blocks that failed (missing, corrupt, wrong
 namespace, I/O error, anything unexpected) are reported to vLLM, which
 recomputes them.
@@ -91,6 +94,11 @@ READ_DELAY_S = _env_float("KVTIER_FAULT_READ_DELAY_S")
 READ_ERROR_RATE = _env_float("KVTIER_FAULT_READ_ERROR_RATE")
 SCRAMBLE = os.environ.get("KVTIER_FAULT_SCRAMBLE") == "1"
 
+# A wave's reads go in up to this many chunks (at least 2 x io_threads records
+# each): each chunk is scattered while the next ones are still being read.
+READ_CHUNKS = 8
+STUCK_LOAD_S = 60.0   # a load running this long is logged (with its state)
+
 
 @dataclass
 class _Load:
@@ -101,10 +109,14 @@ class _Load:
     t0: float
     fence: object = None            # scatters wait for this CUDA event (see the docstring)
     read_bytes: int = 0
-    read_secs: float = 0.0          # time the waves waited for their reads
+    read_secs: float = 0.0          # time the waves' own reads took (start to last chunk)
+    read_end: float = 0.0
+    scatter_bytes: int = 0
+    scatter_secs: float = 0.0       # time in scatters (DRAM -> GPU)
     wave_t0: float = 0.0
     wave: int = 0
-    left: int = 0                   # reads and joined reads of the wave still running
+    left: int = 0                   # parts of the wave still running (see _run_wave)
+    joined: list[int] = field(default_factory=list)   # items another load is reading
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -128,6 +140,8 @@ class KVTierWorker:
         self._invalid_blocks: set[int] = set()
         self._slot_key: list[bytes | None] = [None] * geometry.num_slots
         self._filling: dict[int, list[Callable[[], None]]] = {}   # slot -> waiters of its read
+        self._loads: dict[int, _Load] = {}      # loads in flight (by id: a request may have two)
+        self._stuck_check = 0.0
         self._req_copies: dict[str, int] = {}   # req -> gathers and loads not yet done
         self._awaiting: set[str] = set()        # finished reqs to report in finished_sending
         self._queued_gathers = 0
@@ -221,6 +235,15 @@ class KVTierWorker:
             sending = {r for r in self._awaiting if not self._req_copies.get(r)}
             self._awaiting -= sending
             recving, self._finished_loads = self._finished_loads, set()
+            now = time.perf_counter()
+            if self._loads and now - self._stuck_check > STUCK_LOAD_S:
+                self._stuck_check = now
+                for load in self._loads.values():
+                    if now - load.t0 > STUCK_LOAD_S:
+                        log.warning("kvtier: the load of %s has run %.0f s: wave %d of %d, "
+                                    "%d parts left, %d joined, %d failed", load.job.req_id,
+                                    now - load.t0, load.wave + 1, len(load.waves), load.left,
+                                    len(load.joined), len(load.failed))
         return sending or None, recving or None
 
     def take_invalid_blocks(self) -> set[int]:
@@ -378,31 +401,42 @@ class KVTierWorker:
         load = _Load(job, waves, failed, time.perf_counter(), fence)
         with self._lock:
             self._req_copies[job.req_id] = self._req_copies.get(job.req_id, 0) + 1
+            self._loads[id(load)] = load
             if failed:
                 self._count(self._out.fail_reasons, "no_staging_slot",
                             sum(1 for i in failed if items[i].key))
         self._run_wave(load)
 
     def _run_wave(self, load: _Load) -> None:
-        """Start the wave's reads (and wait for the reads it joins); scatter when done."""
+        """Start the wave: scatter its DRAM hits now, read its records in chunks
+        (each chunk scattered as soon as it is read and checked, while the next
+        ones are read), wait for the reads it joins; end it when all are done."""
         items = load.job.items
         wave = load.waves[load.wave]
         reads = [i for i in wave if items[i].kind in (READ, STREAM)]
         if reads and self.store is None:
             load.failed.update(reads)
             reads = []
+        in_reads = set(reads)
         with self._lock:
-            joins = [i for i in wave if items[i].kind == FROM_SLOT and items[i].slot in self._filling]
+            load.joined = [i for i in wave if items[i].kind == FROM_SLOT
+                           and items[i].slot in self._filling]
+            in_dram = [i for i in wave if i not in in_reads and items[i].kind == FROM_SLOT
+                       and items[i].slot not in self._filling]
             for i in reads:
                 slot = items[i].slot
                 self._slot_key[slot] = None
                 self._filling.setdefault(slot, [])
-            load.left = len(reads) + len(joins) + 1   # +1: this call
-            load.wave_t0 = time.perf_counter()
-            for i in joins:
+            step = max(2 * self.cfg.io_threads, -(-len(reads) // READ_CHUNKS))
+            chunks = [reads[k:k + step] for k in range(0, len(reads), step)]
+            load.left = len(chunks) + len(load.joined) + bool(in_dram) + 1   # +1: this call
+            load.wave_t0 = load.read_end = time.perf_counter()
+            for i in load.joined:
                 self._filling[items[i].slot].append(lambda: self._wave_part_done(load))
-        if reads:
-            self._reads.submit(self._read_wave, load, reads)
+        if in_dram:
+            self._copy_q.put(lambda: self._scatter_part(load, in_dram))
+        for chunk in chunks:
+            self._reads.submit(self._read_chunk, load, chunk)
         self._wave_part_done(load)
 
     def _wave_part_done(self, load: _Load, n: int = 1) -> None:
@@ -410,12 +444,12 @@ class KVTierWorker:
             load.left -= n
             last = load.left == 0
         if last:
-            load.read_secs += time.perf_counter() - load.wave_t0
-            self._copy_q.put(lambda: self._scatter_wave(load))
+            self._copy_q.put(lambda: self._end_wave(load))
 
-    def _read_wave(self, load: _Load, reads: list[int]) -> None:
-        """Read the wave's records into their slots in one batch (the native engine
-        spreads it over its threads, the GIL released throughout), then check each."""
+    def _read_chunk(self, load: _Load, reads: list[int]) -> None:
+        """Read records into their slots in one batch (the native engine spreads
+        it over its threads, the GIL released throughout), check each, then hand
+        the good ones to the copy thread."""
         items = load.job.items
         plen = self.geometry.payload_bytes
         try:
@@ -426,6 +460,7 @@ class KVTierWorker:
         except Exception as e:   # a bug: every block is recomputed, the load still ends
             log.exception("kvtier: reading %d records failed", len(reads))
             results = [e] * len(reads)
+        done = time.perf_counter()
         waiters = []
         with self._lock:
             for i, res in zip(reads, results):
@@ -451,16 +486,23 @@ class KVTierWorker:
                     self._count(self._out.staged if reason is None else self._out.stage_failed,
                                 it.key)
                 waiters += self._filling.pop(it.slot, [])
+        with load.lock:
+            load.read_end = max(load.read_end, done)
         for wake in waiters:
             wake()
-        self._wave_part_done(load, len(reads))
+        self._copy_q.put(lambda: self._scatter_part(load, reads))
 
-    def _scatter_wave(self, load: _Load) -> None:
+    def _scatter_part(self, load: _Load, idxs: list[int]) -> None:
+        self._scatter(load, idxs)
+        self._wave_part_done(load)
+
+    def _scatter(self, load: _Load, idxs: list[int]) -> None:
+        """On the copy thread: copy the items' slots into their GPU pages; only
+        items whose slot holds their key on this rank."""
         items = load.job.items
-        wave = load.waves[load.wave]
         good = []
         with self._lock:
-            for i in wave:
+            for i in idxs:
                 if i in load.failed:
                     continue
                 if self._slot_key[items[i].slot] != items[i].key:
@@ -470,6 +512,8 @@ class KVTierWorker:
                     self._count(self._out.fail_reasons, "slot_mismatch")
                     continue
                 good.append(items[i])
+        if not good:
+            return
         t0 = time.perf_counter()
         try:
             for group, its in by_group(good):
@@ -479,26 +523,33 @@ class KVTierWorker:
             log.exception("kvtier: scatter failed; recomputing %d blocks", len(good))
             with self._lock:
                 self._count(self._out.fail_reasons, "scatter", len(good))
-            load.failed.update(wave)
-            good = []
-        secs = time.perf_counter() - t0
-        with self._lock:
-            if good:   # DRAM -> GPU phase (disk reads are timed on their own)
-                self._out.load_timings.append(("dram", len(good) * self.layout.block_bytes, secs))
+                load.failed.update(idxs)
+            return
+        load.scatter_secs += time.perf_counter() - t0
+        load.scatter_bytes += len(good) * self.layout.block_bytes
+
+    def _end_wave(self, load: _Load) -> None:
+        """On the copy thread, once the wave's reads, joins and scatters are done."""
+        self._scatter(load, load.joined)   # the reads it joined are complete now
+        load.read_secs += load.read_end - load.wave_t0
         load.wave += 1
         if load.wave < len(load.waves):
             self._run_wave(load)
             return
+        items = load.job.items
         log.debug("kvtier: load of %s done: %d items, %d failed, %d waves, reads %.1f ms, "
                   "%.1f ms in all", load.job.req_id, len(items), len(load.failed),
                   len(load.waves), load.read_secs * 1e3, (time.perf_counter() - load.t0) * 1e3)
         with self._lock:
-            if load.read_bytes:   # disk -> DRAM phase (the scatters are timed as "dram")
+            if load.read_bytes:   # disk -> DRAM phase
                 self._out.load_timings.append(("disk", load.read_bytes, load.read_secs))
+            if load.scatter_bytes:   # DRAM -> GPU phase
+                self._out.load_timings.append(("dram", load.scatter_bytes, load.scatter_secs))
             for i in load.failed:
                 self._invalid_blocks.add(items[i].block)
             self._finished_loads.add(load.job.req_id)
             self._copy_done(load.job.req_id)
+            del self._loads[id(load)]
 
 
 def by_group(items):

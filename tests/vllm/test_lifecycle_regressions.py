@@ -241,6 +241,35 @@ def test_10_a_disk_hit_is_not_capped_by_dram(tmp_path):
     assert e.hits["loaded_ok"] == 20 * BS and e.load_failures == 0
 
 
+def test_a_long_disk_hit_scatters_while_it_still_reads(tmp_path):
+    """Reads and scatters overlap: the load's last records are read only after
+    its first ones reached the GPU pages (a load that read everything before
+    scattering anything would wait here until the deadline)."""
+    long = list(range(8000, 8000 + 24 * BS))
+    e = stored_prefix(tmp_path, long, tp=1, pages=64, slots=40, disk_records=64)
+    w = e.workers[0]
+    scattered = threading.Event()
+    waited, last = [], []
+    inner_scatter, inner_read = w.engines[0].scatter, w.store.read_batch
+
+    def scatter(*a, **kw):
+        out = inner_scatter(*a, **kw)
+        scattered.set()
+        return out
+
+    def read_batch(items):
+        if any(it[0] in last for it in items):   # the hit's last record
+            waited.append(scattered.wait(10))
+        return inner_read(items)
+    w.engines[0].scatter, w.store.read_batch = scatter, read_batch
+    e.add("again", long + [2])
+    last.append(e.keys("again")[23])
+    e.settle()
+    e.check()
+    assert waited == [True]
+    assert e.hits["loaded_ok"] == 24 * BS and e.load_failures == 0
+
+
 # -------------------------------------------------------------------- item 12
 def test_12_orphans_and_young_temp_files_count_then_go(tmp_path):
     e = MiniEngine(tmp_path)
@@ -338,3 +367,20 @@ def test_a_block_whose_record_went_bad_is_written_again_once_the_bad_one_is_gone
     e.settle()
     e.check()
     assert e.hits["loaded_ok"] - before == len(PREFIX)
+
+
+def test_a_hit_vllm_could_not_allocate_lets_go_of_its_slot(tmp_path):
+    """A disk hit takes a DRAM slot at lookup; when vLLM then finds no pages for
+    the request, the slot and pins go back by the end of the step (held until the
+    request's next lookup, they starved a request holding pages: a stall)."""
+    e = stored_prefix(tmp_path)
+    pages, e.free_pages = e.free_pages, e.free_pages[:2]   # too few for the request
+    e.add("w", PREFIX + [9])
+    e.step()
+    assert e.reqs["w"].status == "waiting"
+    assert e.sched.ledger.held_slots == 0
+    assert not e.sched._pending_hits
+    e.free_pages = pages
+    e.settle()
+    e.check()
+    assert e.hits["loaded_ok"] == len(PREFIX)

@@ -36,7 +36,7 @@ def main():
                           for n in group_layers[group]])
 
     register, submit, scatter = (W.KVTierWorker.register_kv_caches,
-                                 W.KVTierWorker.submit_stores, W.KVTierWorker._scatter_wave)
+                                 W.KVTierWorker.submit_stores, W.KVTierWorker._scatter)
 
     def register_kv_caches(self, kv_caches, num_blocks, layout, groups=()):
         kv.update(kv_caches)
@@ -49,10 +49,9 @@ def main():
                 at_store[it.key] = page(it.group, it.block)
         return submit(self, meta)
 
-    def scatter_wave(self, load):
-        wave = list(load.waves[load.wave])
-        scatter(self, load)   # this wave's scatter (the next wave only starts its reads)
-        for i in wave:
+    def scatter_part(self, load, idxs):
+        scatter(self, load, idxs)   # a part of a wave (its slots are not reused before it ends)
+        for i in idxs:
             it = load.job.items[i]
             if i in load.failed or it.key not in at_store:
                 continue
@@ -65,7 +64,7 @@ def main():
 
     W.KVTierWorker.register_kv_caches = register_kv_caches
     W.KVTierWorker.submit_stores = submit_stores
-    W.KVTierWorker._scatter_wave = scatter_wave
+    W.KVTierWorker._scatter = scatter_part
 
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
