@@ -39,6 +39,7 @@ import os
 import random
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -236,6 +237,14 @@ def _throughput_sample(model: str, max_len: int, extra: dict | None, batch: list
         offload_done(llm)
     secs = time.perf_counter() - t0
     out.put(sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs) / secs)
+    # Leave at once: the figure is delivered, and an engine's shutdown in a
+    # spawned child can hang (seen once); the parent waits for nothing else.
+    out.close()
+    out.join_thread()
+    stop = threading.Thread(target=llm.llm_engine.engine_core.shutdown, daemon=True)
+    stop.start()   # its engine-core process goes with it (bounded: see above)
+    stop.join(60)
+    os._exit(0)
 
 
 def run_throughput(model: str, work: Path, batches: int, prompts: int, tokens: int,
@@ -259,7 +268,10 @@ def run_throughput(model: str, work: Path, batches: int, prompts: int, tokens: i
                                args=(model, max_len, configs[name], batch, output, warm, q))
             proc.start()
             rates[name].append(q.get(timeout=1800))
-            proc.join()
+            proc.join(timeout=120)
+            if proc.is_alive():   # its engine's processes would hold the cores
+                proc.kill()
+                proc.join()
     ratios = [k / v for k, v in zip(rates["kvtier"], rates["vllm"])]
     return {"tokens_per_s": {k: [round(x) for x in v] for k, v in rates.items()},
             "vllm_median": round(statistics.median(rates["vllm"])),
