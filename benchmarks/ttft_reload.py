@@ -201,6 +201,7 @@ def run_ttft(model: str, n: int, samples: int, work: Path, rng) -> dict:
     for i in range(samples):
         a, b = fresh(), fresh()
         ttft(llm, a)
+        offload_done(llm)   # A on disk: its DRAM copies are evictable, not held by writes
         ttft(llm, b)
         offload_done(llm)
         llm.reset_prefix_cache()
