@@ -259,6 +259,7 @@ class MiniEngine:
         self._free(req)
         req.status, req.computed, req.loaded = "waiting", 0, 0
         req.resumed = True
+        req.vreq.num_preemptions += 1   # as vLLM's _preempt_request
         self.preempted.add(rid)
 
     # ------------------------------------------------------------------ step
@@ -322,7 +323,7 @@ class MiniEngine:
             self.drain()
         outputs = []
         for r, w in enumerate(self.workers):
-            out = (w.get_finished(so.finished_req_ids), w.take_invalid_blocks(),
+            out = (w.transfer_results(so.finished_req_ids), w.take_invalid_blocks(),
                    w.take_worker_meta())
             self._held.setdefault(r, []).append(out)
             if r not in self.hold_back:
@@ -355,8 +356,12 @@ class MiniEngine:
         """KVOutputAggregator, then the scheduler's update_from_output."""
         from vllm.v1.outputs import KVConnectorOutput
         sending, recving, invalid, meta = set(), set(), set(), None
-        for (snd, rcv), inv, wm in outputs:
+        for (snd, rcv, failed), inv, wm in outputs:
             invalid |= inv
+            for rid in failed:   # a whole load failed (vLLM: failed_recving)
+                req = self.reqs.get(rid)
+                if req is not None and req.pages:
+                    invalid |= set(req.pages)
             if wm is not None:
                 meta = wm if meta is None else meta.aggregate(wm)
             for kind, ids, done in (("send", snd, sending), ("recv", rcv, recving)):
@@ -411,6 +416,10 @@ class MiniEngine:
                         self.violations.append(f"{rid} block {i} rank {r}: wrong KV")
         if good < n:
             self.load_failures += n - good
+        if n and good == 0:   # as vLLM: nothing valid, the pages go, it is looked up again
+            self._free(req)
+            req.status, req.loaded, req.computed = "waiting", 0, 0
+            return
         self.hits["loaded_ok"] += good * BS
         req.computed = good * BS
         req.status = "running"

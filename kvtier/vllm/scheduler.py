@@ -373,7 +373,9 @@ class KVTierScheduler:
                 # same load may fail the same way (a dying disk) and vLLM would
                 # reschedule it forever; and it reserves the request's pages against
                 # its own new load, so with a full GPU cache nothing runs. Recompute.
-                self.stats.inc("kvtier_reload_refused_total")
+                if st.loaded:   # once per request (vLLM asks every step it waits)
+                    self.stats.inc("kvtier_reload_refused_total")
+                    st.loaded = {}   # it got nothing from kvtier (its report says so)
                 return 0, False
             max_blocks = (request.num_tokens - 1) // bs   # the last token is recomputed
             start = num_computed_tokens // bs

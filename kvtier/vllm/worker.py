@@ -137,6 +137,7 @@ class KVTierWorker:
         self._lock = threading.Lock()
         self._out = KVTierWorkerMeta()
         self._finished_loads: set[str] = set()
+        self._failed_loads: set[str] = set()   # of _finished_loads: failed as a whole
         self._invalid_blocks: set[int] = set()
         self._slot_key: list[bytes | None] = [None] * geometry.num_slots
         self._filling: dict[int, list[Callable[[], None]]] = {}   # slot -> waiters of its read
@@ -231,10 +232,18 @@ class KVTierWorker:
             self._start_load(job, fence)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        sending, recving, _ = self.transfer_results(finished_req_ids)
+        return sending or None, recving or None
+
+    def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
+        """Requests whose pages kvtier no longer reads (finished sending), whose
+        loads are done (finished receiving), and those of them that failed as a
+        whole (a hybrid model's failed loads: see _end_wave); taken at once."""
         with self._lock:
             sending = {r for r in self._awaiting if not self._req_copies.get(r)}
             self._awaiting -= sending
             recving, self._finished_loads = self._finished_loads, set()
+            failed, self._failed_loads = self._failed_loads, set()
             now = time.perf_counter()
             if self._loads and now - self._stuck_check > STUCK_LOAD_S:
                 self._stuck_check = now
@@ -244,7 +253,7 @@ class KVTierWorker:
                                     "%d parts left, %d joined, %d failed", load.job.req_id,
                                     now - load.t0, load.wave + 1, len(load.waves), load.left,
                                     len(load.joined), len(load.failed))
-        return sending or None, recving or None
+        return sending, recving, failed
 
     def take_invalid_blocks(self) -> set[int]:
         with self._lock:
@@ -545,8 +554,14 @@ class KVTierWorker:
                 self._out.load_timings.append(("disk", load.read_bytes, load.read_secs))
             if load.scatter_bytes:   # DRAM -> GPU phase
                 self._out.load_timings.append(("dram", load.scatter_bytes, load.scatter_secs))
-            for i in load.failed:
-                self._invalid_blocks.add(items[i].block)
+            if load.failed and len(self.engines) > 1:
+                # Block ids are per KV cache group: vLLM cannot map block-level
+                # failures of a hybrid model back to requests (it raises). The
+                # request's whole load fails instead (vLLM recomputes it).
+                self._failed_loads.add(load.job.req_id)
+            else:
+                for i in load.failed:
+                    self._invalid_blocks.add(items[i].block)
             self._finished_loads.add(load.job.req_id)
             self._copy_done(load.job.req_id)
             del self._loads[id(load)]

@@ -384,3 +384,41 @@ def test_a_hit_vllm_could_not_allocate_lets_go_of_its_slot(tmp_path):
     e.settle()
     e.check()
     assert e.hits["loaded_ok"] == len(PREFIX)
+
+
+def _refused(e) -> float:
+    return sum(e.sched.stats.counters.get("kvtier_reload_refused_total", {}).values())
+
+
+def test_a_load_failed_from_its_first_block_is_recomputed_not_loaded_forever(tmp_path):
+    """Every read of rank 0 fails (a dying disk). vLLM frees the request's pages and
+    asks again; a second load would fail the same way, forever (and vLLM reserves
+    the request's pages against its own new load). It is recomputed, once."""
+    e = stored_prefix(tmp_path)
+    e.fail(0, "read", "io", n=10_000)
+    e.add("a", PREFIX + [1])
+    e.settle(steps=30)
+    e.check()
+    assert e.reqs["a"].status == "done"
+    assert 0 < e.load_failures <= len(PREFIX) // BS, e.load_failures
+    assert _refused(e) == 1
+    e.sched.check_invariants(idle=True)
+
+
+def test_a_preempted_request_loads_again(tmp_path):
+    """The refusal above is for a failed load only: a request preempted after a
+    load is offered the load again, each time."""
+    e = MiniEngine(tmp_path, pages=40, slots=16, tp=1)
+    e.add("a", PREFIX + list(range(40)), max_tokens=8)
+    e.step()                                # computed and stored
+    e.step()
+    loaded = []
+    for _ in range(2):
+        e.preempt("a")
+        e.step()                            # looked up again: loaded from kvtier
+        loaded.append(e.hits["loaded_ok"])
+    assert loaded[0] > 0 and loaded[1] == 2 * loaded[0], loaded
+    e.settle()
+    e.check()
+    assert _refused(e) == 0
+    e.sched.check_invariants(idle=True)
