@@ -412,7 +412,8 @@ class KVTierScheduler:
         if now - self._starved_logged < STARVED_LOG_S:
             return
         self._starved_logged = now
-        pinned = sum(1 for e in self.ledger.dram._entries.values() if e.value.pins)
+        dram = self.ledger.dram
+        pinned = sum(1 for key in dram.keys() if dram.peek(key).value.pins)
         log.info("kvtier: no DRAM slot for the disk hit of %s (lookup deferred): %d slots, "
                  "%d in the DRAM tier (%d pinned), %d held by fills and scratch; %d loads "
                  "in flight, %d store jobs, %d writes, %d stages, %d lookups pending",
