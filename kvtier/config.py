@@ -60,6 +60,75 @@ def _default_dram_bytes() -> int:
 
 
 DISK_ADMISSIONS = ("write_through", "second_use", "on_dram_evict")   # kvtier.cache.admission
+REMOTE_KINDS = ("mooncake",)
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """``remote``: a cluster-wide tier behind the disk tier (kvtier.store.remote)."""
+
+    master: str
+    """host:port of the Mooncake master."""
+    kind: str = "mooncake"
+    protocol: str = "tcp"
+    """Mooncake transfer protocol: tcp | rdma."""
+    device: str = ""
+    """RDMA device names (protocol rdma)."""
+    local_hostname: str = ""
+    """This engine's address as other Mooncake clients reach it. Default: the host's name."""
+    metadata_server: str = "P2PHANDSHAKE"
+    """Mooncake's metadata service (P2PHANDSHAKE: none needed)."""
+    segment_bytes: int = 0
+    """Memory this engine lends the cluster store. 0 (default): none; dedicated storage
+    clients (``mooncake_client``, deploy/k8s/mooncake.yaml) hold the data, so engines come
+    and go without taking cache with them."""
+    lookup_timeout_ms: float = 20.0
+    """A lookup waits at most this long for the cluster (then: a miss)."""
+    retry_seconds: float = 5.0
+    """After a cluster error, the tier is skipped (a miss) this long, then tried again."""
+
+    _KEYS = ("kind", "master", "protocol", "device", "local_hostname", "metadata_server",
+             "segment_bytes", "lookup_timeout_ms", "retry_seconds")
+
+    @classmethod
+    def parse(cls, value: Any) -> "RemoteConfig":
+        where = "kvtier config 'remote'"
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected an object such as {{\"kind\": \"mooncake\", "
+                              f"\"master\": \"host:port\"}}, got {value!r}")
+        unknown = sorted(set(value) - set(cls._KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; accepted keys: "
+                              f"{sorted(cls._KEYS)}")
+        kind = value.get("kind", "mooncake")
+        if kind not in REMOTE_KINDS:
+            raise ConfigError(f"{where}.kind: expected one of {REMOTE_KINDS}, got {kind!r}")
+        master = value.get("master")
+        host, _, port = master.rpartition(":") if isinstance(master, str) else ("", "", "")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{where}.master: expected 'host:port' of the Mooncake master, "
+                              f"got {master!r}")
+        vals: dict[str, Any] = {"kind": kind, "master": master}
+        for key in ("protocol", "device", "local_hostname", "metadata_server"):
+            if key in value:
+                if not isinstance(value[key], str):
+                    raise ConfigError(f"{where}.{key}: expected a string, got {value[key]!r}")
+                vals[key] = value[key]
+        if vals.get("protocol", "tcp") not in ("tcp", "rdma"):
+            raise ConfigError(f"{where}.protocol: expected 'tcp' or 'rdma', "
+                              f"got {vals['protocol']!r}")
+        if not vals.get("metadata_server", "P2PHANDSHAKE"):
+            raise ConfigError(f"{where}.metadata_server: must not be empty")
+        if "segment_bytes" in value:
+            vals["segment_bytes"] = parse_size("remote.segment_bytes", value["segment_bytes"])
+        for key in ("lookup_timeout_ms", "retry_seconds"):
+            if key in value:
+                v = value[key]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 \
+                        or not math.isfinite(v):
+                    raise ConfigError(f"{where}.{key}: expected a number > 0, got {v!r}")
+                vals[key] = float(v)
+        return cls(**vals)
 
 
 @dataclass(frozen=True)
@@ -104,6 +173,11 @@ class KVTierConfig:
     shared: bool = False
     """Several engines use this disk_path: disk_bytes is the budget of the whole store,
     shared by every engine on it (each must set shared and the same secret_file)."""
+    remote: RemoteConfig | None = None
+    """A cluster-wide tier behind the disk tier: ``{"kind": "mooncake", "master":
+    "host:port", ...}`` (RemoteConfig; docs/operators.md). Needs the disk tier (blocks
+    found in the cluster are kept on local disk) and secret_file (the same on every
+    engine: the cluster store is shared)."""
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> "KVTierConfig":
@@ -171,7 +245,23 @@ class KVTierConfig:
                 "kvtier config 'shared': a store shared by several engines needs 'secret_file' "
                 "(the same secret on every engine: records are authenticated, so no process "
                 "that can write the directory can plant KV into another engine's answers)")
+        if "remote" in extra and extra["remote"] is not None:
+            vals["remote"] = RemoteConfig.parse(extra["remote"])
+            if not vals.get("secret_file"):
+                raise ConfigError(
+                    "kvtier config 'remote': a cluster store is shared by every engine that "
+                    "reaches it; set 'secret_file' (the same secret on every engine: records "
+                    "are authenticated, so no client of the cluster can plant KV into another "
+                    "engine's answers)")
+            if vals.get("disk") is False:
+                raise ConfigError(
+                    "kvtier config 'remote': needs the disk tier ('disk': true); blocks found "
+                    "in the cluster are kept on local disk")
         cfg = cls(**vals).resolved()
+        if cfg.remote is not None and not cfg.disk_enabled:
+            raise ConfigError(
+                f"kvtier config 'remote': needs the disk tier, but 'disk_bytes' is "
+                f"{cfg.disk_bytes}; blocks found in the cluster are kept on local disk")
         if cfg.secret_file and cfg.disk_enabled:
             from kvtier.store.secret import SecretError, read_secret
             try:

@@ -94,3 +94,14 @@ def shared_dir():
     if not SHARED.exists():
         pytest.skip(f"{SHARED} not found (the shared traces sit beside the repo)")
     return SHARED
+
+
+@pytest.fixture
+def mooncake(tmp_path):
+    """A Mooncake Store on loopback: a master and a storage client (tests.cluster)."""
+    from tests.cluster import MooncakeCluster
+    cluster = MooncakeCluster(tmp_path).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -17,7 +17,7 @@ from kvtier.cache.cost import LoadCostModel
 from kvtier.cache.groups import KVGroup
 from kvtier.cache.ledger import NO_SLOT, Block, Ledger, State
 
-DRAM, DISK = "dram", "disk"
+DRAM, DISK, REMOTE = "dram", "disk", "remote"
 UNSEEN = False   # a (block, group) not looked up yet (found: a tuple; missing: None)
 MISSED_PROBES_PER_LOOKUP = 4   # shared-store file checks that found nothing, per lookup
 
@@ -26,8 +26,9 @@ class Hit(NamedTuple):
     block: int      # index of the block in the request
     group: int      # KV cache group
     key: bytes      # the group's record key
-    tier: str       # where the bytes come from: DRAM, or DISK (a record, or a read in
-                    # flight that the load joins)
+    tier: str       # where the bytes come from: DRAM, DISK (a record, or a read in
+                    # flight that the load joins), or REMOTE (a disk record adopted from
+                    # the cluster tier: read from there, then kept on disk)
     entry: Block    # the ledger block the load reads (pinned)
 
     @property
@@ -45,10 +46,12 @@ class HitSearch:
     def __init__(self, ledger: Ledger, groups: tuple[KVGroup, ...], cost: LoadCostModel,
                  block_size: int, record_bytes: int, always: bool,
                  declined: Callable[[str, int], None],
-                 probe: Callable[[bytes, float], Block | None] | None = None):
+                 probe: Callable[[bytes, float], Block | None] | None = None,
+                 remote: Callable[[list[bytes], float], list[Block | None]] | None = None):
         """``record_bytes``: one block of one rank; ``always``: never decline a tier;
         ``declined(tier, blocks)``: told when a tier is declined; ``probe(key, now)``:
-        a record another process published, adopted into the ledger (or None)."""
+        a record another process published, adopted into the ledger (or None);
+        ``remote(keys, now)``: the same for several keys at once, from the cluster tier."""
         self.ledger = ledger
         self.groups = groups
         self.full_groups = [g for g in groups if not g.windowed]
@@ -59,6 +62,7 @@ class HitSearch:
         self.always = always
         self.declined = declined
         self.probe = probe
+        self.remote = remote
 
     def longest(self, keys_of, start: int, limit: int, now: float) -> list[Hit]:
         """What the longest loadable hit after ``start`` needs, block by block.
@@ -83,6 +87,11 @@ class HitSearch:
                 found = locate_many(keys, now)
                 if self.probe is not None:
                     found = [f or self._probe(k, now, probes) for f, k in zip(found, keys)]
+                if self.remote is not None and None in found:
+                    miss = [j for j, f in enumerate(found) if f is None]
+                    for j, block in zip(miss, self.remote([keys[j] for j in miss], now)):
+                        if block is not None:
+                            found[j] = (DISK, block)
                 w[lo:hi] = found
             return w
 
@@ -109,8 +118,11 @@ class HitSearch:
                 w = where[g.index]
                 for i in g.needed(start, end):
                     t, entry = w[i]
-                    joined = t == DRAM and entry.state is State.STAGING
-                    hits.append(Hit(i, g.index, entry.key, DISK if joined else t, entry))
+                    if t == DRAM and entry.state is State.STAGING:
+                        t = DISK   # joins a read in flight
+                    elif entry.remote:
+                        t = REMOTE
+                    hits.append(Hit(i, g.index, entry.key, t, entry))
             if len(self.groups) > 1:
                 hits.sort(key=lambda h: (h.block, h.group))
             slow = self._slow_tier(hits, now)
@@ -150,7 +162,7 @@ class HitSearch:
         if self.always:
             return None
         per_rank = self.record_bytes
-        for tier in (DISK, DRAM):
+        for tier in (REMOTE, DISK, DRAM):
             n = sum(1 for h in hits if h.tier == tier)
             blocks = len({h.block for h in hits if h.tier == tier})
             if n and not self.cost.worth_loading(tier, n * per_rank, blocks * self.block_size,

@@ -74,6 +74,7 @@ class Block:
     touched: float = -math.inf     # disk: the record's mtime as last set
     reuse: bytes | None = None     # disk, WRITING: the evicted key whose file it takes over
     ext: object = None             # the caller's name for the block (e.g. vLLM's block hash)
+    remote: bool = False           # disk: adopted from the cluster tier, not read here yet
 
     @property
     def pins(self) -> int:
@@ -338,16 +339,24 @@ class Ledger:
             self.drop_disk(block)
         self.unpin_disk(block)
 
-    def adopt(self, key: bytes, mtime: float, now: float) -> Block | None:
-        """A record another process published (shared store) -> READY, if it is
-        within its TTL and fits without evicting anything."""
+    def adopt(self, key: bytes, mtime: float, now: float, remote: bool = False) -> Block | None:
+        """A record another process published (shared store; ``remote``: the cluster
+        tier, read through to this disk tier at its first load) -> READY, if it is
+        within its TTL and fits without evicting anything (lookups must not evict
+        what they found: ``make_disk_room`` keeps room, between lookups)."""
         if not self.writable(key) or now - mtime >= self.disk.ttl:
             return None
         entry = self.disk.add(key, self.record_size, now, evict=False)
         if entry is None:
             return None
-        entry.value = Block(key, State.READY, entry, touched=mtime)
+        entry.value = Block(key, State.READY, entry, touched=mtime, remote=remote)
         return entry.value
+
+    def make_disk_room(self, records: int, now: float) -> bool:
+        """Evict (LRU, unpinned) until ``records`` more records fit: room for the next
+        lookups' adoptions. Call it where no lookup holds unpinned blocks."""
+        return self.disk.make_room(min(records, int(self.disk.capacity // self.record_size))
+                                   * self.record_size, now)
 
     def recover(self, mtimes: dict[bytes, float], now: float) -> tuple[int, int]:
         """Rebuild the disk index at start-up from ``{key: mtime}`` of the records

@@ -65,6 +65,7 @@ from kvtier.store.budget import BudgetExceeded, StoreBudget
 from kvtier.store.record import (HEADER_BYTES, RecordError, check_mac, check_record, pack_header,
                                  record_bytes)
 from kvtier.store import pyio
+from kvtier.store.remote import record_name
 from kvtier.store.native import EngineHandle, pick_backend, scan_records
 from kvtier.store.native import IoEngine as _IoEngine  # noqa: F401 (whether this build has it)
 from kvtier.store.safety import (UnsafeStore, check_dir, check_shards, make_dir, not_regular_error,
@@ -422,6 +423,16 @@ class DiskStore:
             for (i, _, _), e in zip(todo, self._py_map(self._mac_error, todo)):
                 out[i] = e
         return out
+
+    def check(self, key: bytes, into, payload_len: int, size: int) -> None:
+        """Validate a record of ``key`` that came from elsewhere (the cluster tier) as a
+        read of this store would: RecordError unless it is exactly this block's."""
+        check_record(into, self.namespace_id, self.name(key), self.rank, self.tp_size,
+                     payload_len, size, keys=self.keys)
+
+    def remote_name(self, key: bytes) -> str:
+        """``key``'s record in the cluster tier (kvtier.store.remote)."""
+        return record_name(self.namespace_id, self.name(key), self.rank, self.tp_size)
 
     def _mac_error(self, i: int, into, payload_len: int) -> RecordError | None:
         try:

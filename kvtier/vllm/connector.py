@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vllm.kvtier")
 
-_SOURCES = {"dram": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
+_SOURCES = {"dram": CacheHitSource.HOST, "disk": CacheHitSource.DISK,
+            "remote": CacheHitSource.P2P}
 
 
 def check_supported(vllm_config: "VllmConfig",

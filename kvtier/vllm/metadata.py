@@ -110,13 +110,16 @@ class KVTierWorkerMeta(KVConnectorWorkerMetadata):
     fail_reasons: dict[str, int] = field(default_factory=dict)    # e.g. "checksum" -> n
     # Sent once, at the first step: copy engine kind ("native-cuda", "torch", ...) -> ranks.
     copy_engines: dict[str, int] = field(default_factory=dict)
+    remote_stored: int = 0   # records this rank published to the cluster tier
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> "KVTierWorkerMeta":
         assert isinstance(other, KVTierWorkerMeta)
-        out = KVTierWorkerMeta(load_timings=self.load_timings + other.load_timings)
+        out = KVTierWorkerMeta(load_timings=self.load_timings + other.load_timings,
+                               remote_stored=self.remote_stored + other.remote_stored)
         for name in _COUNTS:
             setattr(out, name, _add(getattr(self, name), getattr(other, name)))
         return out
 
     def empty(self) -> bool:
-        return not (self.load_timings or any(getattr(self, n) for n in _COUNTS))
+        return not (self.load_timings or self.remote_stored
+                    or any(getattr(self, n) for n in _COUNTS))

@@ -66,6 +66,9 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "kvtier_copy_engine_info": ("gauge", "TP ranks running each GPU<->DRAM copy engine "
                                 "(native-cuda, native-cpu, or torch: the fallback)",
                                 ("copy_engine",)),
+    "kvtier_remote_errors_total": ("counter", "Cluster-tier calls that failed (op: lookup, "
+                                   "get, put); the tier is then skipped for retry_seconds "
+                                   "(misses: recompute)", ("op",)),
     "kvtier_load_seconds": ("histogram", "Latency of one load batch from a tier", ("tier",)),
 }
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

@@ -38,7 +38,7 @@ from kvtier.cache.groups import FULL, NULL_BLOCK, KVGroup, group_key, group_keys
 from kvtier.cache.admission import DiskAdmission
 from kvtier.cache.cost import LoadCostModel
 from kvtier.cache.keys import KeyChain, root_key
-from kvtier.cache.hits import DISK, DRAM, Hit, HitSearch
+from kvtier.cache.hits import DISK, DRAM, REMOTE, Hit, HitSearch
 from kvtier.cache.ledger import Block, Ledger, State
 from kvtier.cache.retention import Retention, retention_of
 from kvtier.vllm.metadata import (FROM_SLOT, NO_SLOT, READ, STREAM, WRITE_ONLY, KVTierMetadata,
@@ -46,6 +46,7 @@ from kvtier.vllm.metadata import (FROM_SLOT, NO_SLOT, READ, STREAM, WRITE_ONLY, 
 from kvtier.vllm.metrics import CHECKSUM_REASONS, StatsRecorder
 from kvtier.store.slots import SlotGeometry
 from kvtier.store.disk import DiskStore, store_options
+from kvtier.store.remote import RemoteStore
 from kvtier.store.sweeper import Sweeper
 
 
@@ -57,6 +58,7 @@ log = logging.getLogger("vllm.kvtier.scheduler")
 PREFILL_STEP_TOKENS = 256   # steps with fewer tokens are decode-bound: no prefill rate
 STREAM_SLOTS = 16           # scratch slots a streamed disk load reuses
 STARVED_LOG_S = 30.0        # how often a lookup deferred for want of a slot is logged
+REMOTE_ROOM_RECORDS = 1024   # disk room kept for the next lookups' cluster-tier hits
 KEY_MEMO_ENTRIES = 1 << 18     # vLLM block hash -> kvtier key, for prefixes seen before
 
 
@@ -200,6 +202,16 @@ class KVTierScheduler:
             if start_sweeper:
                 self.sweeper.start()
 
+        # The cluster tier (cfg.remote): looked up on index misses; a block found there
+        # is adopted as a disk record, read from the cluster at its first load and
+        # kept on disk (kvtier.store.remote). Adoptions never evict (a lookup must not
+        # evict what it found): each step keeps room for REMOTE_ROOM_RECORDS of them.
+        self.remote: RemoteStore | None = None
+        if cfg.remote is not None and self.rank_stores:
+            self.remote = RemoteStore.of(cfg.remote)
+            self._remote_room = max(1, min(REMOTE_ROOM_RECORDS,
+                                           disk_budget // self.record_size // 16))
+
         self._reqs: dict[str, ReqState] = {}
         self._pending_hits: dict[str, PendingHit] = {}
         self._starved_logged = -STARVED_LOG_S
@@ -233,7 +245,8 @@ class KVTierScheduler:
                               cfg.load_policy == "always",
                               lambda tier, n: self.stats.inc("kvtier_declined_loads_total", n,
                                                              tier=tier),
-                              self._probe_shared if self.rank_stores else None)
+                              self._probe_shared if self.rank_stores else None,
+                              self._probe_remote if self.remote is not None else None)
 
     # ------------------------------------------------------------ KV events
     def _ext(self, st: ReqState, i: int, group: int):
@@ -431,6 +444,17 @@ class KVTierScheduler:
             mtime = m if mtime is None else min(mtime, m)
         return self.ledger.adopt(key, mtime, now)
 
+    def _probe_remote(self, keys: list[bytes], now: float) -> list[Block | None]:
+        """Index misses: which blocks the cluster tier holds (every rank's record),
+        adopted as disk records to be read from there."""
+        n = len(self.rank_stores)
+        found = self.remote.exists([s.remote_name(k) for k in keys for s in self.rank_stores])
+        if found is None:
+            self.stats.inc("kvtier_remote_errors_total", op="lookup")
+            return [None] * len(keys)
+        return [self.ledger.adopt(k, now, now, remote=True) if all(found[i * n:(i + 1) * n])
+                else None for i, k in enumerate(keys)]
+
     def update_state_after_alloc(self, request: "Request", blocks,
                                  num_external_tokens: int) -> None:
         with self._lock:
@@ -448,7 +472,7 @@ class KVTierScheduler:
                                                  and gpu[hit.group][hit.block] == NULL_BLOCK)
             self._unpin_hits(pending, keep=used)
             now = self.clock()
-            plan = LoadPlan(request.request_id, [], {DRAM: 0, DISK: 0})
+            plan = LoadPlan(request.request_id, [], {DRAM: 0, DISK: 0, REMOTE: 0})
             covered = set()
             block_tier: dict[int, str] = {}
             streamed: list[tuple[Hit, int]] = []
@@ -456,8 +480,8 @@ class KVTierScheduler:
                 self._use(hit.key, now, st)
                 page = gpu[hit.group][hit.block]
                 covered.add((hit.block, hit.group))
-                if hit.tier == DISK:
-                    block_tier[hit.block] = DISK
+                if hit.tier != DRAM:
+                    block_tier[hit.block] = hit.tier
                 entry = hit.entry
                 if hit.record:
                     # A record on disk: read it into a DRAM block of its own (unless
@@ -470,6 +494,7 @@ class KVTierScheduler:
                                                    hit.group))
                         continue
                     plan.disk_readers.append(entry)
+                    entry.remote = False   # this load reads it through to disk
                     if self.ledger.track and entry.ext is None:   # recovered from disk:
                         entry.ext = self._ext(st, hit.block, hit.group)   # named now
                         self._events.append(self._event(True, DISK, entry))
@@ -517,7 +542,7 @@ class KVTierScheduler:
         if plan is None or num_external_tokens == 0:
             return {}
         out, left = {}, num_external_tokens
-        for tier in (DRAM, DISK):
+        for tier in (DRAM, DISK, REMOTE):
             take = min(left, plan.tokens_by_tier[tier])
             if take:
                 out[tier] = take
@@ -583,6 +608,8 @@ class KVTierScheduler:
                 if self.admission.writes_back:
                     self._write_backs += self.ledger.dirty_lru(self._write_back_window(), now)
                 self._write_back(meta, now)
+            if self.remote is not None:   # no lookup holds unpinned blocks here
+                self.ledger.make_disk_room(self._remote_room, now)
             self._flush_removals()
             return meta
 
@@ -772,6 +799,9 @@ class KVTierScheduler:
                 self.stats.inc("kvtier_skipped_stores_total", n, reason=reason)
             elif reason == "write_error":
                 self.stats.inc("kvtier_io_errors_total", n)
+            elif reason in ("remote_put", "remote_get"):
+                self.stats.inc("kvtier_remote_errors_total", n, op=reason[len("remote_"):])
+
             else:
                 self.stats.inc("kvtier_load_failures_total", n, reason=reason)
                 if reason in CHECKSUM_REASONS:
@@ -780,6 +810,11 @@ class KVTierScheduler:
                         self.stats.inc("kvtier_bad_mac_records_total", n)
                 elif reason == "io_error":
                     self.stats.inc("kvtier_io_errors_total", n)
+        if meta.remote_stored:   # records of single ranks
+            self.stats.inc("kvtier_stored_blocks_total", meta.remote_stored / self.tp_size,
+                           tier=REMOTE)
+            self.stats.inc("kvtier_stored_bytes_total",
+                           meta.remote_stored * self.geometry.record_bytes, tier=REMOTE)
         for kind, ranks in meta.copy_engines.items():   # each rank's, once at start-up
             self.stats.add("kvtier_copy_engine_info", ranks, copy_engine=kind)
         for tier, nbytes, secs in meta.load_timings:
@@ -833,7 +868,8 @@ class KVTierScheduler:
         parameter)."""
         r = st.retention
         out = {"cached_tokens": {"gpu": st.local_tokens, "dram": st.loaded.get(DRAM, 0),
-                                 "disk": st.loaded.get(DISK, 0)},
+                                 "disk": st.loaded.get(DISK, 0),
+                                 "remote": st.loaded.get(REMOTE, 0)},
                "stored_tokens": st.stored_blocks * self.block_size,
                "ttl_seconds": r.ttl, "pinned": r.pin and not st.pins_refused}
         if st.pins_refused:

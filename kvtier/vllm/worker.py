@@ -71,6 +71,7 @@ from kvtier.store.slots import SlotGeometry
 from kvtier.store.budget import BudgetExceeded
 from kvtier.store.disk import DiskStore, store_options
 from kvtier.store.record import HEADER_BYTES, RECORD_FAULTS, RecordError
+from kvtier.store.remote import RemoteStore
 
 log = logging.getLogger("vllm.kvtier.worker")
 
@@ -132,6 +133,7 @@ class KVTierWorker:
         self.pool: HostPool | None = None
         self.engines: list = []   # one copy engine per KV cache group
         self.store: DiskStore | None = None
+        self.remote: RemoteStore | None = None   # the cluster tier (cfg.remote)
         self.cuda = False
 
         self._lock = threading.Lock()
@@ -188,6 +190,10 @@ class KVTierWorker:
                                    o_direct=self.cfg.o_direct, fsync=self.cfg.fsync,
                                    io_threads=self.cfg.io_threads, **store_options(self.cfg))
             self.store.start()
+            if self.cfg.remote is not None:
+                self.remote = RemoteStore.of(self.cfg.remote)
+                self.remote.register(self.pool.base_ptr,
+                                     self.geometry.num_slots * self.geometry.slot_bytes)
         self._copy_thread = threading.Thread(target=self._copy_loop, name="kvtier-copy",
                                              daemon=True)
         self._copy_thread.start()
@@ -376,6 +382,14 @@ class KVTierWorker:
             self.store.seal(rec, it.key, plen)   # header, checksum (and MAC: secret_file)
             self.store.write(it.key, rec[:self.geometry.record_bytes], reuse=it.reuse)
             ok = True
+            if self.remote is not None:   # published to the cluster tier too
+                (put,) = self.remote.put_from([self.store.remote_name(it.key)], [rec.ctypes.data],
+                                              self.geometry.record_bytes)
+                with self._lock:
+                    if put == "ok":
+                        self._out.remote_stored += 1
+                    elif put == "error":
+                        self._count(self._out.fail_reasons, "remote_put")
         except BudgetExceeded:   # a shared store without room: no backoff (it is trimmed)
             with self._lock:
                 self._count(self._out.fail_reasons, "store_full")
@@ -466,6 +480,8 @@ class KVTierWorker:
                 time.sleep(READ_DELAY_S)
             results = self.store.read_batch(
                 [(items[i].key, self.pool.slot(items[i].slot), plen) for i in reads])
+            if self.remote is not None:
+                results = self._read_remote(load, reads, results)
         except Exception as e:   # a bug: every block is recomputed, the load still ends
             log.exception("kvtier: reading %d records failed", len(reads))
             results = [e] * len(reads)
@@ -500,6 +516,62 @@ class KVTierWorker:
         for wake in waiters:
             wake()
         self._copy_q.put(lambda: self._scatter_part(load, reads))
+
+    def _read_remote(self, load: _Load, reads: list[int], results: list) -> list:
+        """Records this disk lacks (adopted from the cluster tier, or read through
+        already but not written yet): from the cluster, validated as a disk read
+        (a bad one is removed there), then kept on disk."""
+        missing = [j for j, res in enumerate(results)
+                   if isinstance(res, RecordError) and res.reason == "missing"]
+        if not missing:
+            return results
+        items = load.job.items
+        plen, size = self.geometry.payload_bytes, self.geometry.record_bytes
+        keys = [items[reads[j]].key for j in missing]
+        slots = [self.pool.slot(items[reads[j]].slot) for j in missing]
+        names = [self.store.remote_name(k) for k in keys]
+        t0 = time.perf_counter()
+        got = self.remote.get_into(names, [s.ctypes.data for s in slots], size)
+        secs = time.perf_counter() - t0
+        results = list(results)
+        nbytes = errors = 0
+        for j, key, name, into, rc in zip(missing, keys, names, slots, got):
+            if isinstance(rc, str):   # missing, error, skipped: the block is recomputed
+                errors += rc == "error"
+                continue
+            try:
+                self.store.check(key, into, plen, rc)
+            except RecordError as e:   # corrupt, foreign, planted: never served
+                results[j] = e
+                self.remote.remove(name)
+                continue
+            results[j] = None
+            nbytes += size
+            self._keep_on_disk(key, into[:size])
+        with self._lock:
+            if nbytes:
+                self._out.load_timings.append(("remote", nbytes, secs))
+            if errors:
+                self._count(self._out.fail_reasons, "remote_get", errors)
+        return results
+
+    def _keep_on_disk(self, key: bytes, record) -> None:
+        """Write a copy of a record read from the cluster tier to disk (the ledger
+        counts it there already), unless the write queues are full."""
+        with self._lock:
+            if self._pending_writes >= self.cfg.io_threads * WRITE_QUEUE_PER_THREAD:
+                return
+            self._pending_writes += 1
+        self._writes.submit(self._write_copy, key, record.copy())
+
+    def _write_copy(self, key: bytes, record) -> None:
+        try:
+            self.store.write(key, record)
+        except Exception as e:   # a later read finds it missing: from the cluster again
+            log.debug("kvtier: keeping record %s on disk failed: %s", key.hex(), e)
+        finally:
+            with self._lock:
+                self._pending_writes -= 1
 
     def _scatter_part(self, load: _Load, idxs: list[int]) -> None:
         self._scatter(load, idxs)
