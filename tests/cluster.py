@@ -1,104 +1,12 @@
-"""A real Mooncake Store on loopback for tests: a master and one dedicated storage
-client (``mooncake_client``), each a process of the Mooncake wheel's binaries, on
-free ports. The master can be killed and started again (same port) mid-test."""
-
-from __future__ import annotations
-
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
+"""Tests' access to a real Mooncake Store on loopback (kvtier.store.mooncake_local)."""
 
 import pytest
 
+from kvtier.store.mooncake_local import MooncakeCluster, mooncake_available
 
-def _bin(name: str) -> str | None:
-    here = Path(sys.executable).parent / name   # the venv's console scripts
-    return str(here) if here.exists() else shutil.which(name)
-
-
-def mooncake_available() -> bool:
-    try:
-        import mooncake.store  # noqa: F401
-    except ImportError:
-        return False
-    return _bin("mooncake_master") is not None and _bin("mooncake_client") is not None
-
+__all__ = ["MooncakeCluster", "needs_mooncake"]
 
 needs_mooncake = pytest.mark.skipif(
     not mooncake_available(),
     reason="Mooncake is not installed (pip install mooncake-transfer-engine-non-cuda; "
            "libibverbs1)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what} did not listen on {port} within {timeout} s")
-
-
-class MooncakeCluster:
-    def __init__(self, log_dir: Path, segment: str = "512MB"):
-        self.log_dir = Path(log_dir)
-        self.port = free_port()
-        self.master_addr = f"127.0.0.1:{self.port}"
-        self.segment = segment
-        self.master: subprocess.Popen | None = None
-        self.storage: subprocess.Popen | None = None
-
-    def start(self) -> "MooncakeCluster":
-        self.start_master()
-        port = free_port()
-        self.storage = subprocess.Popen(
-            [_bin("mooncake_client"), f"--master_server_address={self.master_addr}",
-             "--metadata_server=P2PHANDSHAKE", "--host=127.0.0.1", f"--port={port}",
-             f"--global_segment_size={self.segment}", "--protocol=tcp"],
-            stdout=open(self.log_dir / "mooncake_storage.log", "ab"), stderr=subprocess.STDOUT)
-        _wait_port(port, self.storage, "mooncake_client")
-        time.sleep(0.5)   # its segment mounted at the master
-        return self
-
-    def start_master(self) -> None:
-        self.master = subprocess.Popen(
-            [_bin("mooncake_master"), "--rpc_address=127.0.0.1", f"--rpc_port={self.port}",
-             "--metrics_host=127.0.0.1", f"--metrics_port={free_port()}"],
-            stdout=open(self.log_dir / "mooncake_master.log", "ab"), stderr=subprocess.STDOUT)
-        _wait_port(self.port, self.master, "mooncake_master")
-
-    def kill_master(self) -> None:
-        self.master.kill()
-        self.master.wait()
-
-    def remote(self, **kw) -> dict:
-        """kv_connector_extra_config's ``remote`` for this cluster."""
-        return {"kind": "mooncake", "master": self.master_addr, "local_hostname": "127.0.0.1",
-                **kw}
-
-    def client(self):
-        """A plain Mooncake client of the cluster (what any process on it can do)."""
-        from mooncake.store import MooncakeDistributedStore
-        c = MooncakeDistributedStore()
-        assert c.setup("127.0.0.1", "P2PHANDSHAKE", 0, 16 << 20, "tcp", "",
-                       self.master_addr) == 0
-        return c
-
-    def stop(self) -> None:
-        for p in (self.storage, self.master):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()

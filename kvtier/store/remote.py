@@ -207,7 +207,7 @@ def _identity(cfg: RemoteConfig) -> tuple:
 def _mooncake():
     try:
         from mooncake.store import MooncakeDistributedStore
-    except ImportError as e:
+    except (ImportError, OSError) as e:
         raise RuntimeError(
             "kvtier config 'remote': the cluster tier needs Mooncake: pip install "
             "mooncake-transfer-engine (GPU) or mooncake-transfer-engine-non-cuda (CPU), "

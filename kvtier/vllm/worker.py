@@ -118,6 +118,7 @@ class _Load:
     wave: int = 0
     left: int = 0                   # parts of the wave still running (see _run_wave)
     joined: list[int] = field(default_factory=list)   # items another load is reading
+    from_remote: set[int] = field(default_factory=set)   # items read from the cluster tier
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -516,6 +517,9 @@ class KVTierWorker:
         for wake in waiters:
             wake()
         self._copy_q.put(lambda: self._scatter_part(load, reads))
+        for i in load.from_remote.intersection(reads):   # kept on disk too
+            if i not in load.failed:
+                self._keep_on_disk(items[i].key, items[i].slot)
 
     def _read_remote(self, load: _Load, reads: list[int], results: list) -> list:
         """Records this disk lacks (adopted from the cluster tier, or read through
@@ -547,7 +551,7 @@ class KVTierWorker:
                 continue
             results[j] = None
             nbytes += size
-            self._keep_on_disk(key, into[:size])
+            load.from_remote.add(reads[j])
         with self._lock:
             if nbytes:
                 self._out.load_timings.append(("remote", nbytes, secs))
@@ -555,19 +559,25 @@ class KVTierWorker:
                 self._count(self._out.fail_reasons, "remote_get", errors)
         return results
 
-    def _keep_on_disk(self, key: bytes, record) -> None:
-        """Write a copy of a record read from the cluster tier to disk (the ledger
-        counts it there already), unless the write queues are full."""
+    def _keep_on_disk(self, key: bytes, slot: int) -> None:
+        """Write a record read from the cluster tier from its slot to disk (the
+        ledger counts it there already), unless the write queues are full."""
         with self._lock:
             if self._pending_writes >= self.cfg.io_threads * WRITE_QUEUE_PER_THREAD:
                 return
             self._pending_writes += 1
-        self._writes.submit(self._write_copy, key, record.copy())
+        self._writes.submit(self._write_kept, key, slot)
 
-    def _write_copy(self, key: bytes, record) -> None:
+    def _write_kept(self, key: bytes, slot: int) -> None:
+        """No copy of the slot: written only while the slot holds ``key``, and removed
+        if a refill of the slot began meanwhile (it clears ``_slot_key`` first);
+        a later read that finds no file reads the cluster again."""
         try:
-            self.store.write(key, record)
-        except Exception as e:   # a later read finds it missing: from the cluster again
+            if self._slot_key[slot] == key:
+                self.store.write(key, self.pool.slot(slot)[:self.geometry.record_bytes])
+                if self._slot_key[slot] != key:
+                    self.store.remove(key)
+        except Exception as e:
             log.debug("kvtier: keeping record %s on disk failed: %s", key.hex(), e)
         finally:
             with self._lock:
