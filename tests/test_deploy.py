@@ -27,8 +27,8 @@ DASHBOARD = DEPLOY / "grafana" / "kvtier-dashboard.json"
 RULES = K8S / "prometheusrule.yaml"
 # The Kubernetes version the manifests are validated against (bundled schemas).
 K8S_VERSION = "1.31.0"
-CORE_KINDS = {"Namespace", "StorageClass", "PersistentVolume", "StatefulSet", "Service",
-              "ConfigMap"}
+CORE_KINDS = {"Namespace", "StorageClass", "PersistentVolume", "StatefulSet", "Deployment",
+              "Service", "ConfigMap"}
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 
@@ -153,9 +153,23 @@ def kvtier_series_names() -> set[str]:
     return out
 
 
+def workloads(manifests=None) -> list[dict]:
+    """The Deployments and StatefulSets (their pod templates carry the labels)."""
+    manifests = manifests or load_manifests()
+    return [d for _, d in manifests if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+def workload(name: str, manifests=None) -> tuple[dict, dict]:
+    """The workload ``name`` and its (only) container."""
+    (w,) = [d for d in workloads(manifests) if d["metadata"]["name"] == name]
+    (c,) = w["spec"]["template"]["spec"]["containers"]
+    return w, c
+
+
 def vllm_container(manifests=None) -> tuple[dict, dict]:
     manifests = manifests or load_manifests()
-    (sts,) = [d for _, d in manifests if d["kind"] == "StatefulSet"]
+    (sts,) = [d for d in workloads(manifests) if d["kind"] == "StatefulSet"
+              and any(c["name"] == "vllm" for c in d["spec"]["template"]["spec"]["containers"])]
     (c,) = [c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "vllm"]
     return sts, c
 
@@ -313,17 +327,25 @@ def test_statefulset_runs_vllm_with_kvtier():
 
 def test_services_and_servicemonitor_select_the_pods():
     manifests = load_manifests()
-    sts, c = vllm_container(manifests)
-    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
-    assert sts["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     services = [d for _, d in manifests if d["kind"] == "Service"]
-    assert sts["spec"]["serviceName"] in {s["metadata"]["name"] for s in services}
-    container_ports = {p["name"] for p in c["ports"]}
+    names = {s["metadata"]["name"] for s in services}
+    for w in workloads(manifests):
+        pod_labels = w["spec"]["template"]["metadata"]["labels"]
+        assert w["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+        if w["kind"] == "StatefulSet":
+            assert w["spec"]["serviceName"] in names, w["metadata"]["name"]
+    sts, _ = vllm_container(manifests)
+    assert any(s["metadata"]["name"] == sts["spec"]["serviceName"] for s in services)
     for s in services:
-        assert s["spec"]["selector"].items() <= pod_labels.items(), s["metadata"]["name"]
+        # Each Service selects the pods of exactly one workload, on their ports.
+        selected = [w for w in workloads(manifests) if s["spec"]["selector"].items()
+                    <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(selected) == 1, s["metadata"]["name"]
+        ports = [p for c in selected[0]["spec"]["template"]["spec"]["containers"]
+                 for p in c["ports"]]
         for p in s["spec"]["ports"]:
-            assert p["targetPort"] in container_ports or p["targetPort"] in {
-                cp["containerPort"] for cp in c["ports"]}
+            assert p["targetPort"] in {cp["name"] for cp in ports} | {
+                cp["containerPort"] for cp in ports}, (s["metadata"]["name"], p)
 
     (sm,) = [d for _, d in manifests if d["kind"] == "ServiceMonitor"]
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
@@ -339,6 +361,55 @@ def test_services_and_servicemonitor_select_the_pods():
         assert ep["port"] in port_names
         assert ep.get("path", "/metrics") == "/metrics"
         assert re.fullmatch(r"\d+[smh]", ep["interval"])
+
+
+def test_mooncake_cluster_tier():
+    """deploy/k8s/mooncake.yaml: the storage clients find the master's Service, lend
+    the memory they are given, and the vLLM StatefulSet's (commented) remote example
+    names the same master."""
+    manifests = load_manifests()
+    services = {d["metadata"]["name"]: d for _, d in manifests if d["kind"] == "Service"}
+    master, mc = workload("kvtier-mooncake-master", manifests)
+    storage, sc = workload("kvtier-mooncake-storage", manifests)
+    assert master["kind"] == "Deployment" and master["spec"]["replicas"] == 1
+    assert master["spec"]["strategy"]["type"] == "Recreate"   # never two masters
+    assert mc["command"] == ["mooncake_master"] and sc["command"] == ["mooncake_client"]
+    flags = lambda c: dict(a.lstrip("-").split("=", 1) for a in c["args"])  # noqa: E731
+    mflags, sflags = flags(mc), flags(sc)
+    (master_svc,) = [s for s in services.values() if s["spec"]["selector"].items()
+                     <= master["spec"]["template"]["metadata"]["labels"].items()]
+    rpc = {p["name"]: p["port"] for p in master_svc["spec"]["ports"]}["rpc"]
+    assert int(mflags["rpc_port"]) == {p["name"]: p["containerPort"] for p in mc["ports"]}["rpc"]
+    master_addr = f"{master_svc['metadata']['name']}:{rpc}"
+    assert sflags["master_server_address"] == master_addr
+    assert sflags["metadata_server"] == "P2PHANDSHAKE" and sflags["protocol"] == "tcp"
+    # Its own address: the pod IP, from the downward API.
+    assert sflags["host"] == "$(POD_IP)"
+    assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} \
+        in sc["env"]
+    assert int(sflags["port"]) in {p["containerPort"] for p in sc["ports"]}
+    assert services[storage["spec"]["serviceName"]]["spec"]["clusterIP"] == "None"
+    # Memory: the segment ("64GB" is 64 GiB to Mooncake) plus room for the process,
+    # requested as much as allowed (a pod evicted under pressure loses its cache).
+    m = re.fullmatch(r"(\d+)([MG])B", sflags["global_segment_size"])
+    assert m, "Mooncake reads MB/GB (binary); it does not accept GiB"
+    segment = int(m.group(1)) << (20 if m.group(2) == "M" else 30)
+    res = sc["resources"]
+    assert res["requests"]["memory"] == res["limits"]["memory"]
+    assert segment + (1 << 30) <= quantity(res["limits"]["memory"]) <= segment * 1.25 + (8 << 30)
+    for c in (mc, sc):
+        assert c["readinessProbe"] and c["livenessProbe"]
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    # The engines' example (statefulset.yaml, commented out: remote is off by default).
+    sts, c = vllm_container(manifests)
+    assert "remote" not in transfer_config(c)["kv_connector_extra_config"]
+    text = (K8S / "statefulset.yaml").read_text()
+    m = re.search(r'^\s*#\s+("secret_file".*?\})\s*$\n\s*- --kv-transfer-config', text, re.M | re.S)
+    assert m, "statefulset.yaml: the commented remote example is gone"
+    example = json.loads("{" + re.sub(r"\n\s*#", "", m.group(1)) + "}")
+    from kvtier.config import RemoteConfig
+    assert RemoteConfig.parse(example["remote"]).master == master_addr
+    assert Path(example["secret_file"]).parent.as_posix() in text   # its mount, commented
 
 
 def test_prometheusrule_structure():
