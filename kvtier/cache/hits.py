@@ -75,6 +75,7 @@ class HitSearch:
         the record keys of group ``g``'s first ``n`` (or more) blocks."""
         where = {g.index: [UNSEEN] * limit for g in self.groups}
         probes = [MISSED_PROBES_PER_LOOKUP]
+        adopted: list[Block] = []   # from the cluster tier: forgotten unless in the hit
         locate_many = self.ledger.locate_many
 
         def look(g: KVGroup, lo: int, hi: int) -> list:
@@ -92,6 +93,7 @@ class HitSearch:
                     for j, block in zip(miss, self.remote([keys[j] for j in miss], now)):
                         if block is not None:
                             found[j] = (DISK, block)
+                            adopted.append(block)
                 w[lo:hi] = found
             return w
 
@@ -127,13 +129,23 @@ class HitSearch:
                 hits.sort(key=lambda h: (h.block, h.group))
             slow = self._slow_tier(hits, now)
             if slow is None:
+                self._forget(adopted, hits)
                 return hits
             cut = next(h.block for h in hits if h.tier == slow)
             if slow not in declined:
                 self.declined(slow, end - cut)
                 declined.add(slow)
             end = cut
+        self._forget(adopted, [])
         return []
+
+    def _forget(self, adopted: list[Block], hits: list[Hit]) -> None:
+        """Cluster-tier adoptions the hit does not use leave the index."""
+        if adopted:
+            used = {id(h.entry) for h in hits}
+            for block in adopted:
+                if id(block) not in used:
+                    self.ledger.forget_adopted(block)
 
     def _fit_windows(self, start: int, end: int, look) -> int:
         """The furthest hit end <= ``end`` for which every sliding-window group has

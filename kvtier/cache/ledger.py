@@ -352,6 +352,16 @@ class Ledger:
         entry.value = Block(key, State.READY, entry, touched=mtime, remote=remote)
         return entry.value
 
+    def forget_adopted(self, block: Block) -> None:
+        """A block adopted from the cluster tier that no load will read (not in the
+        hit, or the hit not taken): out of the index, as if never adopted (it has no
+        file here), so the request that computes it stores it."""
+        if block.remote and block.pins == 0 and not block.detached and self.disk is not None:
+            entry = self.disk.peek(block.key)
+            if entry is not None and entry.value is block:
+                self.disk.detach(block.key, None)
+                block.detached = True
+
     def make_disk_room(self, records: int, now: float) -> bool:
         """Evict (LRU, unpinned) until ``records`` more records fit: room for the next
         lookups' adoptions. Call it where no lookup holds unpinned blocks."""

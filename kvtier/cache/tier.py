@@ -184,12 +184,14 @@ class Tier:
         if key in self._entries:
             self._remove(key, cause)
 
-    def detach(self, key: Hashable, cause: str = EVICT_DROPPED) -> Entry:
+    def detach(self, key: Hashable, cause: str | None = EVICT_DROPPED) -> Entry:
         """Take ``key`` out of the tier, pinned or not, without the eviction hook: the
-        caller now owns what the entry held (and accounts for it)."""
+        caller now owns what the entry held (and accounts for it). ``cause`` None:
+        not an eviction (not counted)."""
         entry = self._entries.pop(key)
         self.used -= entry.size
-        self.stats.evictions[cause] = self.stats.evictions.get(cause, 0) + 1
+        if cause is not None:
+            self.stats.evictions[cause] = self.stats.evictions.get(cause, 0) + 1
         return entry
 
     def expire(self, now: float) -> int:

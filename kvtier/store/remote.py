@@ -7,11 +7,15 @@ what to store or load: the scheduler asks :meth:`RemoteStore.exists`, the worker
 :meth:`~RemoteStore.get_into` and :meth:`~RemoteStore.put_from`.
 
 A slow or absent cluster never stalls an engine:
-- the connection is made on a thread of its own (Mooncake's ``setup`` retries for
-  about 90 s while the master is down); until it is up, everything is a miss;
+- the connection is made on a thread of its own, and only once the master's port
+  answers (Mooncake's ``setup`` retries for about 90 s against a master that is
+  down, holding the GIL: the whole process would stop); until it is up,
+  everything is a miss;
 - a lookup waits at most ``lookup_timeout_ms`` (then it is a miss, counted as an
-  error; the call goes on on its thread, and further lookups miss at once until
-  it has returned);
+  error, and the tier backs off as after an error; the call goes on on its
+  thread, and further lookups miss at once until it has returned);
+- cluster reads and writes run on the workers' own threads for this tier, so a
+  hung cluster (each call then waits up to ~30 s) holds up no disk read or write;
 - after an error (a master that went away answers each call in about 4 s) the
   tier is skipped for ``retry_seconds``, then tried again: Mooncake's client
   reconnects to a master that came back by itself.
@@ -27,7 +31,7 @@ import logging
 import socket
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
 from typing import Sequence
 
 from kvtier.config import RemoteConfig
@@ -51,16 +55,16 @@ class RemoteUnavailable(Exception):
 
 
 class RemoteStore:
-    _instances: dict[tuple, "RemoteStore"] = {}
+    _instances: dict[RemoteConfig, "RemoteStore"] = {}
     _instances_lock = threading.Lock()
 
     @classmethod
     def of(cls, cfg: RemoteConfig) -> "RemoteStore":
         """This process's client of ``cfg``'s cluster (made and connected once)."""
         with cls._instances_lock:
-            store = cls._instances.get(_identity(cfg))
+            store = cls._instances.get(cfg)
             if store is None:
-                store = cls._instances[_identity(cfg)] = cls(cfg)
+                store = cls._instances[cfg] = cls(cfg)
             return store
 
     def __init__(self, cfg: RemoteConfig, client_factory=None):
@@ -80,7 +84,15 @@ class RemoteStore:
 
     # -- connection ----------------------------------------------------------
     def _connect(self) -> None:
+        host, _, port = self.cfg.master.rpartition(":")
         while True:
+            try:
+                socket.create_connection((host, int(port)), timeout=2).close()
+            except OSError as e:   # never into setup's GIL-holding retries
+                log.warning("kvtier: Mooncake master %s not reachable (%s); retrying in %.0f s",
+                            self.cfg.master, e, self.cfg.retry_seconds)
+                time.sleep(self.cfg.retry_seconds)
+                continue
             try:
                 client = self._factory(self.cfg)
             except Exception as e:   # master down: Mooncake's setup retried ~90 s
@@ -144,9 +156,14 @@ class RemoteStore:
         fut.add_done_callback(self._lookup_done)   # also when it ends after the timeout
         try:
             rcs = fut.result(timeout=self.cfg.lookup_timeout_ms / 1e3)
-        except Exception:   # timed out (the call goes on: lookups miss until it ends)
-            return None     # or failed (the tier backs off)
-        return None if any(rc < 0 for rc in rcs) else [rc == 1 for rc in rcs]
+        except FutureTimeout:   # the call goes on (lookups miss until it ends)
+            self._failed("lookup", "no answer within lookup_timeout_ms")
+            return None
+        except Exception:       # the callback backs off
+            return None
+        if len(rcs) != len(names) or any(rc < 0 for rc in rcs):
+            return None
+        return [rc == 1 for rc in rcs]
 
     def _lookup_done(self, fut: Future) -> None:
         e = fut.exception()
@@ -167,6 +184,8 @@ class RemoteStore:
             rcs = client.batch_get_into(list(names), list(addrs), [nbytes] * len(names))
         except Exception as e:
             self._failed("get", e)
+            return ["error"] * len(names)
+        if len(rcs) != len(names):
             return ["error"] * len(names)
         out = [rc if rc >= 0 else "missing" if rc == NOT_FOUND else "error" for rc in rcs]
         if min(rcs, default=0) <= CLUSTER_FAILURE:
@@ -197,11 +216,6 @@ class RemoteStore:
             client.remove(name, True)
         except Exception:
             pass
-
-
-def _identity(cfg: RemoteConfig) -> tuple:
-    return (cfg.kind, cfg.master, cfg.protocol, cfg.device, cfg.local_hostname,
-            cfg.metadata_server, cfg.segment_bytes)
 
 
 def _mooncake():

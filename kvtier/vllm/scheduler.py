@@ -58,7 +58,7 @@ log = logging.getLogger("vllm.kvtier.scheduler")
 PREFILL_STEP_TOKENS = 256   # steps with fewer tokens are decode-bound: no prefill rate
 STREAM_SLOTS = 16           # scratch slots a streamed disk load reuses
 STARVED_LOG_S = 30.0        # how often a lookup deferred for want of a slot is logged
-REMOTE_ROOM_RECORDS = 1024   # disk room kept for the next lookups' cluster-tier hits
+REMOTE_ROOM_RECORDS = 8192   # disk room kept for the next step's cluster-tier hits
 KEY_MEMO_ENTRIES = 1 << 18     # vLLM block hash -> kvtier key, for prefixes seen before
 
 
@@ -210,7 +210,7 @@ class KVTierScheduler:
         if cfg.remote is not None and self.rank_stores:
             self.remote = RemoteStore.of(cfg.remote)
             self._remote_room = max(1, min(REMOTE_ROOM_RECORDS,
-                                           disk_budget // self.record_size // 16))
+                                           disk_budget // self.record_size // 8))
 
         self._reqs: dict[str, ReqState] = {}
         self._pending_hits: dict[str, PendingHit] = {}
@@ -355,6 +355,7 @@ class KVTierScheduler:
         for hit in pending.hits:
             if not keep(hit):
                 self._unpin(hit.ledger_tier, hit.entry)
+                self.ledger.forget_adopted(hit.entry)   # a cluster hit not taken
 
     def _drop_pending(self, pending: PendingHit | None) -> None:
         """A lookup's hit will not be loaded: its pins and slot go."""
@@ -797,6 +798,8 @@ class KVTierScheduler:
         for reason, n in meta.fail_reasons.items():
             if reason in ("backpressure", "gather", "store_full"):
                 self.stats.inc("kvtier_skipped_stores_total", n, reason=reason)
+            elif reason == "remote_put_skipped":   # too many puts waiting on the cluster
+                self.stats.inc("kvtier_skipped_stores_total", n, reason="remote_backpressure")
             elif reason == "write_error":
                 self.stats.inc("kvtier_io_errors_total", n)
             elif reason in ("remote_put", "remote_get"):

@@ -98,6 +98,8 @@ SCRAMBLE = os.environ.get("KVTIER_FAULT_SCRAMBLE") == "1"
 # A wave's reads go in up to this many chunks (at least 2 x io_threads records
 # each): each chunk is scattered while the next ones are still being read.
 READ_CHUNKS = 8
+REMOTE_THREADS = 2   # cluster-tier gets, and puts: each their own threads
+PUT_QUEUE = 256      # records waiting to be published (copies); more are not published
 STUCK_LOAD_S = 60.0   # a load running this long is logged (with its state)
 
 
@@ -119,6 +121,7 @@ class _Load:
     left: int = 0                   # parts of the wave still running (see _run_wave)
     joined: list[int] = field(default_factory=list)   # items another load is reading
     from_remote: set[int] = field(default_factory=set)   # items read from the cluster tier
+    remote_bytes: int = 0           # of read_secs' reads: from the cluster tier
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -151,6 +154,7 @@ class KVTierWorker:
         self._queued_gathers = 0
         self._gathers_idle = threading.Condition(self._lock)
         self._pending_writes = 0
+        self._pending_puts = 0
         self._disk_backoff_until = 0.0
         self._rng = random.Random(rank)
 
@@ -158,6 +162,8 @@ class KVTierWorker:
         self._copy_thread: threading.Thread | None = None
         self._reads: ThreadPoolExecutor | None = None
         self._writes: ThreadPoolExecutor | None = None
+        self._remote_reads: ThreadPoolExecutor | None = None   # the cluster tier's own
+        self._remote_puts: ThreadPoolExecutor | None = None
 
     # -- set-up --------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], num_blocks: int,
@@ -195,6 +201,10 @@ class KVTierWorker:
                 self.remote = RemoteStore.of(self.cfg.remote)
                 self.remote.register(self.pool.base_ptr,
                                      self.geometry.num_slots * self.geometry.slot_bytes)
+                self._remote_reads = ThreadPoolExecutor(REMOTE_THREADS,
+                                                        thread_name_prefix="kvtier-remote-get")
+                self._remote_puts = ThreadPoolExecutor(REMOTE_THREADS,
+                                                       thread_name_prefix="kvtier-remote-put")
         self._copy_thread = threading.Thread(target=self._copy_loop, name="kvtier-copy",
                                              daemon=True)
         self._copy_thread.start()
@@ -276,7 +286,7 @@ class KVTierWorker:
         """No copy, read or write in flight (tests)."""
         with self._lock:
             return not (self._req_copies or self._queued_gathers or self._pending_writes
-                        or self._filling)
+                        or self._pending_puts or self._filling)
 
     def flush_gathers(self) -> None:
         """Block until every queued GPU->DRAM copy is done (GPU blocks may be freed)."""
@@ -289,10 +299,10 @@ class KVTierWorker:
             self._copy_q.put(None)
             self._copy_thread.join()
             self._copy_thread = None
-        for pool in (self._reads, self._writes):
+        for pool in (self._reads, self._remote_reads, self._writes, self._remote_puts):
             if pool is not None:
                 pool.shutdown(wait=True)
-        self._reads = self._writes = None
+        self._reads = self._writes = self._remote_reads = self._remote_puts = None
         for engine in self.engines:   # before the pool: a pinned pool must outlive them
             if hasattr(engine, "close"):
                 engine.close()
@@ -383,14 +393,8 @@ class KVTierWorker:
             self.store.seal(rec, it.key, plen)   # header, checksum (and MAC: secret_file)
             self.store.write(it.key, rec[:self.geometry.record_bytes], reuse=it.reuse)
             ok = True
-            if self.remote is not None:   # published to the cluster tier too
-                (put,) = self.remote.put_from([self.store.remote_name(it.key)], [rec.ctypes.data],
-                                              self.geometry.record_bytes)
-                with self._lock:
-                    if put == "ok":
-                        self._out.remote_stored += 1
-                    elif put == "error":
-                        self._count(self._out.fail_reasons, "remote_put")
+            if self.remote is not None:
+                self._publish(it.key, rec)
         except BudgetExceeded:   # a shared store without room: no backoff (it is trimmed)
             with self._lock:
                 self._count(self._out.fail_reasons, "store_full")
@@ -481,11 +485,29 @@ class KVTierWorker:
                 time.sleep(READ_DELAY_S)
             results = self.store.read_batch(
                 [(items[i].key, self.pool.slot(items[i].slot), plen) for i in reads])
-            if self.remote is not None:
-                results = self._read_remote(load, reads, results)
         except Exception as e:   # a bug: every block is recomputed, the load still ends
             log.exception("kvtier: reading %d records failed", len(reads))
             results = [e] * len(reads)
+        if self.remote is not None and any(
+                isinstance(r, RecordError) and r.reason == "missing" for r in results):
+            # From the cluster, on threads of its own: a hung cluster (each call
+            # waits up to ~30 s) never holds up reads of the disk.
+            self._remote_reads.submit(self._read_chunk_remote, load, reads, results)
+            return
+        self._chunk_read(load, reads, results)
+
+    def _read_chunk_remote(self, load: _Load, reads: list[int], results: list) -> None:
+        try:
+            results = self._read_remote(load, reads, results)
+        except Exception:   # a bug: what the cluster would have given is recomputed
+            log.exception("kvtier: reading %d records from the cluster failed", len(reads))
+        self._chunk_read(load, reads, results)
+
+    def _chunk_read(self, load: _Load, reads: list[int], results: list) -> None:
+        """A chunk's reads are done: record what each gave, wake the loads that
+        joined them, hand the good ones to the copy thread."""
+        items = load.job.items
+        plen = self.geometry.payload_bytes
         done = time.perf_counter()
         waiters = []
         with self._lock:
@@ -535,14 +557,11 @@ class KVTierWorker:
         keys = [items[reads[j]].key for j in missing]
         slots = [self.pool.slot(items[reads[j]].slot) for j in missing]
         names = [self.store.remote_name(k) for k in keys]
-        t0 = time.perf_counter()
         got = self.remote.get_into(names, [s.ctypes.data for s in slots], size)
-        secs = time.perf_counter() - t0
         results = list(results)
-        nbytes = errors = 0
+        nbytes = 0
         for j, key, name, into, rc in zip(missing, keys, names, slots, got):
             if isinstance(rc, str):   # missing, error, skipped: the block is recomputed
-                errors += rc == "error"
                 continue
             try:
                 self.store.check(key, into, plen, rc)
@@ -554,11 +573,34 @@ class KVTierWorker:
             nbytes += size
             load.from_remote.add(reads[j])
         with self._lock:
-            if nbytes:
-                self._out.load_timings.append(("remote", nbytes, secs))
-            if errors:
-                self._count(self._out.fail_reasons, "remote_get", errors)
+            load.remote_bytes += nbytes
+            if "error" in got:   # one failed call
+                self._count(self._out.fail_reasons, "remote_get")
         return results
+
+    def _publish(self, key: bytes, rec) -> None:
+        """Put a copy of a written record into the cluster tier, on threads of its own
+        (a hung cluster holds no slot and no disk write), unless too many wait."""
+        with self._lock:
+            if self._pending_puts >= PUT_QUEUE:
+                self._count(self._out.fail_reasons, "remote_put_skipped")
+                return
+            self._pending_puts += 1
+        self._remote_puts.submit(self._put, key, rec[:self.geometry.record_bytes].copy())
+
+    def _put(self, key: bytes, record) -> None:
+        try:
+            (put,) = self.remote.put_from([self.store.remote_name(key)], [record.ctypes.data],
+                                          record.nbytes)
+        except Exception:
+            log.exception("kvtier: publishing record %s failed", key.hex())
+            put = "error"
+        with self._lock:
+            self._pending_puts -= 1
+            if put == "ok":
+                self._out.remote_stored += 1
+            elif put == "error":
+                self._count(self._out.fail_reasons, "remote_put")
 
     def _keep_on_disk(self, key: bytes, slot: int) -> None:
         """Write a record read from the cluster tier from its slot to disk (the
@@ -635,6 +677,8 @@ class KVTierWorker:
         with self._lock:
             if load.read_bytes:   # disk -> DRAM phase
                 self._out.load_timings.append(("disk", load.read_bytes, load.read_secs))
+            if load.remote_bytes:   # cluster -> DRAM (in the same waves as any disk reads)
+                self._out.load_timings.append(("remote", load.remote_bytes, load.read_secs))
             if load.scatter_bytes:   # DRAM -> GPU phase
                 self._out.load_timings.append(("dram", load.scatter_bytes, load.scatter_secs))
             if load.failed and len(self.engines) > 1:

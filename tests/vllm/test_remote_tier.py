@@ -137,3 +137,43 @@ def test_a_dead_master_is_a_bounded_miss_and_the_tier_comes_back(tmp_path, moonc
         time.sleep(0.5)
     served(b, "back", fresh + [2])
     assert b.sched.stats.counter("kvtier_hit_tokens_total", tier="remote") == 4 * BS
+
+
+def test_blocks_past_a_hole_in_the_cluster_are_stored_by_the_engine_that_computes_them(
+        tmp_path, mooncake, secret):
+    a, b = two_engines(tmp_path, mooncake, secret)
+    served(a, "seed", PREFIX + [1])
+    keys = a.keys("seed")
+    c = mooncake.client()
+
+    def drop(i):
+        for w in a.workers:
+            assert c.remove(w.store.remote_name(keys[i]), True) == 0
+    drop(2)                                     # the cluster lost block 2
+    served(b, "again", PREFIX + [2])            # 0..1 from the cluster, 2..5 computed
+    assert b.hits["loaded_ok"] == 2 * BS
+    for i in (3, 4, 5):                         # ... and B's own now: gone from the cluster,
+        drop(i)                                 # B still has them after a restart
+    b.drain()
+    b.sched.drain_sweeper()
+    b.restart()
+    served(b, "third", PREFIX + [3])
+    assert b.sched.stats.counter("kvtier_hit_tokens_total", tier="disk") == 6 * BS
+    assert b.load_failures == 0
+
+
+def test_a_hung_master_costs_a_lookup_its_budget_then_the_tier_is_skipped(tmp_path, mooncake,
+                                                                           secret):
+    import signal
+    a, b = two_engines(tmp_path, mooncake, secret, lookup_timeout_ms=200, retry_seconds=30)
+    served(a, "seed", PREFIX + [1])
+    mooncake.master.send_signal(signal.SIGSTOP)   # alive but silent: calls wait ~30 s
+    try:
+        t0 = time.monotonic()
+        for n in range(3):
+            served(b, f"hung{n}", PREFIX + [2 + n])   # recomputed, the first after 0.2 s
+        took = time.monotonic() - t0
+    finally:
+        mooncake.master.send_signal(signal.SIGCONT)
+    assert b.sched.stats.counter("kvtier_remote_errors_total", op="lookup") == 1
+    assert took < 5.0, f"three requests took {took:.1f} s with the master hung"
