@@ -65,8 +65,21 @@ class MooncakeCluster:
              f"--global_segment_size={self.segment}", "--protocol=tcp"],
             stdout=open(self.log_dir / "mooncake_storage.log", "ab"), stderr=subprocess.STDOUT)
         _wait_port(port, self.storage, "mooncake_client")
-        time.sleep(0.5)   # its segment mounted at the master
+        self._wait_segment()
         return self
+
+    def _wait_segment(self, timeout: float = 30.0) -> None:
+        """Until the storage client's memory is mounted at the master (a put works)."""
+        c = self.client()
+        try:
+            end = time.monotonic() + timeout
+            while c.put("kvtier-local-probe", b"x") != 0:
+                if time.monotonic() > end:
+                    raise RuntimeError(f"no storage mounted at {self.master_addr}")
+                time.sleep(0.05)
+            c.remove("kvtier-local-probe", True)
+        finally:
+            c.close()
 
     def start_master(self) -> None:
         self.master = subprocess.Popen(

@@ -34,6 +34,8 @@ def test_a_master_that_is_not_up_yet_stalls_nothing(tmp_path):
         assert store.exists(["kvtier/x"]) == [False]
         time.sleep(2.0)
         assert not store.connected
+        stop.set()   # (the launcher's own client below may hold the GIL a moment)
+        t.join()
         cluster.start()
         deadline = time.monotonic() + 30
         while not store.connected:
