@@ -67,6 +67,8 @@ def test_a_second_engine_serves_from_the_cluster_and_survives_the_master(model_d
             assert cached >= 0.95 * FULL_BLOCK_TOKENS
             assert same_greedy(toks, top, rtoks, rtop), (toks, rtoks)
         assert metric_value(m, "kvtier_remote_errors_total", op="lookup") == 0
+        print(f"cluster tier: B loaded {hit:.0f} of {len(ps) * FULL_BLOCK_TOKENS} full-block "
+              f"tokens from the cluster; cached per prompt {[g[2] for g in got]}")
 
         # The master dies while B serves: B recomputes, counts the errors, lives.
         mooncake.kill_master()
@@ -77,6 +79,7 @@ def test_a_second_engine_serves_from_the_cluster_and_survives_the_master(model_d
         errors = sum(metric_value(m, "kvtier_remote_errors_total", op=op)
                      for op in ("lookup", "get", "put"))
         assert errors >= 1, m
+        print(f"master killed: {len(later)} prompts served, {errors:.0f} cluster errors counted")
         assert metric_value(m, "kvtier_hit_tokens_total", tier="remote") == hit
 
         # A new master (it knows no records): A publishes again, B loads from it.
