@@ -105,3 +105,12 @@ def mooncake(tmp_path):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def secret(tmp_path):
+    """A store secret file (hex, 0400): ``secret_file`` of the engines of a test."""
+    p = tmp_path / "secret"
+    p.write_bytes(os.urandom(32).hex().encode())
+    p.chmod(0o400)
+    return str(p)

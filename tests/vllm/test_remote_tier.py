@@ -12,7 +12,6 @@ dedicated storage client, tests.cluster):
   tier is skipped while it backs off, and it is used again once the master is back.
 """
 
-import os
 import time
 
 import numpy as np
@@ -28,14 +27,6 @@ from tests.sim import BS, PAYLOAD, MiniEngine
 pytestmark = [needs_vllm, needs_mooncake]
 
 PREFIX = list(range(9000, 9000 + 6 * BS))
-
-
-@pytest.fixture
-def secret(tmp_path):
-    p = tmp_path / "secret"
-    p.write_bytes(os.urandom(32).hex().encode())
-    p.chmod(0o400)
-    return str(p)
 
 
 def connected(cfg, timeout: float = 30.0) -> RemoteStore:

@@ -11,7 +11,6 @@ scheduler and workers (tests.sim.MiniEngine: TP=2, a real DiskStore):
 - an unsafe store directory stops the engine's start-up with a clear error.
 """
 
-import os
 
 import numpy as np
 import pytest
@@ -25,14 +24,6 @@ from tests.sim import BS, PAYLOAD, MiniEngine
 pytestmark = needs_vllm
 
 PREFIX = list(range(7000, 7000 + 6 * BS))
-
-
-@pytest.fixture
-def secret(tmp_path):
-    p = tmp_path / "secret"
-    p.write_bytes(os.urandom(32).hex().encode())
-    p.chmod(0o400)
-    return str(p)
 
 
 def plant(e: MiniEngine, key: bytes, rank: int = 0) -> None:
