@@ -800,6 +800,8 @@ class KVTierScheduler:
                 self.stats.inc("kvtier_skipped_stores_total", n, reason=reason)
             elif reason == "remote_put_skipped":   # too many puts waiting on the cluster
                 self.stats.inc("kvtier_skipped_stores_total", n, reason="remote_backpressure")
+            elif reason == "remote_put_unavailable":   # not connected, or backing off
+                self.stats.inc("kvtier_skipped_stores_total", n, reason="remote_unavailable")
             elif reason == "write_error":
                 self.stats.inc("kvtier_io_errors_total", n)
             elif reason in ("remote_put", "remote_get"):

@@ -601,6 +601,8 @@ class KVTierWorker:
                 self._out.remote_stored += 1
             elif put == "error":
                 self._count(self._out.fail_reasons, "remote_put")
+            else:   # the tier is not connected yet, or backs off after an error
+                self._count(self._out.fail_reasons, "remote_put_unavailable")
 
     def _keep_on_disk(self, key: bytes, slot: int) -> None:
         """Write a record read from the cluster tier from its slot to disk (the

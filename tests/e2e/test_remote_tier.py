@@ -36,10 +36,25 @@ def published(s) -> float:
     return metric_value(s.metrics(), "kvtier_stored_blocks_total", tier="remote")
 
 
+def not_published(m: str) -> float:
+    """Records written to disk whose publication failed or was skipped."""
+    return (metric_value(m, "kvtier_remote_errors_total", op="put")
+            + metric_value(m, "kvtier_skipped_stores_total", reason="remote_unavailable")
+            + metric_value(m, "kvtier_skipped_stores_total", reason="remote_backpressure"))
+
+
 def wait_published(s, n: float, timeout: float = 60) -> None:
+    """Until ``n`` records are published; fails at once when the rest will not be."""
     deadline = time.monotonic() + timeout
-    while published(s) < n:
-        assert time.monotonic() < deadline, f"{published(s)} blocks published, expected {n}"
+    lost_before = not_published(s.metrics())
+    while True:
+        m = s.metrics()
+        done = metric_value(m, "kvtier_stored_blocks_total", tier="remote")
+        if done >= n:
+            return
+        if done + not_published(m) - lost_before >= n or time.monotonic() > deadline:
+            kv = "\n".join(line for line in m.splitlines() if line.startswith("kvtier_"))
+            raise AssertionError(f"{done} blocks published, expected {n}\n{kv}")
         time.sleep(0.2)
 
 
@@ -51,10 +66,13 @@ def test_a_second_engine_serves_from_the_cluster_and_survives_the_master(model_d
                 log_path=str(tmp_path / "base.log")) as base:
         refs = [ask(base, p) for p in ps + later]
 
-    cfg = {**shared_store_config(tmp_path), "shared": False,
-           "remote": mooncake.remote(lookup_timeout_ms=500, retry_seconds=2)}
-    with server(model_dir, tmp_path / "a", tmp_path / "a.log", **cfg) as a, \
-            server(model_dir, tmp_path / "b", tmp_path / "b.log", **cfg) as b:
+    # Generous lookup timeouts: on a loaded 2-core CI host a lookup can exceed a few
+    # hundred ms, and the tier is then skipped for retry_seconds (publications too).
+    cfg = {**shared_store_config(tmp_path), "shared": False}
+    a_cfg = {**cfg, "remote": mooncake.remote(lookup_timeout_ms=5000, retry_seconds=2)}
+    b_cfg = {**cfg, "remote": mooncake.remote(lookup_timeout_ms=2000, retry_seconds=2)}
+    with server(model_dir, tmp_path / "a", tmp_path / "a.log", **a_cfg) as a, \
+            server(model_dir, tmp_path / "b", tmp_path / "b.log", **b_cfg) as b:
         for p in ps:
             ask(a, p)
         wait_published(a, len(ps) * BLOCKS_PER_PROMPT)

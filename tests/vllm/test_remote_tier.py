@@ -168,3 +168,6 @@ def test_a_hung_master_costs_a_lookup_its_budget_then_the_tier_is_skipped(tmp_pa
         mooncake.master.send_signal(signal.SIGCONT)
     assert b.sched.stats.counter("kvtier_remote_errors_total", op="lookup") == 1
     assert took < 5.0, f"three requests took {took:.1f} s with the master hung"
+    # B's own records of the prefix went to its disk only while the tier was skipped,
+    # and say so (6 blocks on each of 2 ranks).
+    assert b.sched.stats.counter("kvtier_skipped_stores_total", reason="remote_unavailable") == 12
