@@ -291,18 +291,22 @@ def main(argv=None) -> int:
     p.add_argument("--output-tokens", type=int, default=32)
     p.add_argument("--skip-throughput", action="store_true")
     a = p.parse_args(argv)
+    lengths = [int(x) for x in a.prompt_tokens.split(",")]
 
+    import dataclasses
     from kvtier.tinymodel import BENCH_LLAMA, write_model
     # offload_done asks the workers over vLLM's collective RPC with a function
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     work = Path(tempfile.mkdtemp(prefix="kvtier-ttft-"))
-    model = str(write_model(work / "model", BENCH_LLAMA))
+    # positions for the longest prompt (RoPE: no weights change)
+    model = str(write_model(work / "model", dataclasses.replace(
+        BENCH_LLAMA, max_position_embeddings=max(8192, max(lengths) + 64))))
     rng = random.Random(0)
     st = stamp()
     print(f"ttft_reload: {line(st)}", flush=True)
     out = {"benchmark": "ttft_reload", "samples": a.samples, "model": "~100M Llama (8x1024)",
            "ttft": []}
-    for n in (int(x) for x in a.prompt_tokens.split(",")):
+    for n in lengths:
         r = run_ttft(model, n, a.samples, work, rng)
         out["ttft"].append(r)
         print(f"{n} tokens, {a.samples} samples each (median [min, max] ms):")
