@@ -19,7 +19,7 @@ Engine 2 (restarted on the same store: DRAM empty), per sample i:
   disk_busy  Q_i from disk while another process writes records to the same
              disk through kvtier's own store (DiskStore.write, O_DIRECT, the
              write-through path) as fast as it can.
-Engine 3 (DRAM 48 MiB: the issue's DRAM-pressure sequence), per sample i:
+Engine 3 (DRAM 48 MiB per 4,096 prompt tokens: the issue's DRAM-pressure sequence), per sample i:
   A_i, B_i new (B_i's offload pushes part of A_i out of DRAM), prefix cache
   reset, then
   pressure   A_i: partly DRAM, partly disk; then
@@ -193,11 +193,14 @@ def run_ttft(model: str, n: int, samples: int, work: Path, rng) -> dict:
     del llm
 
     store3 = work / f"store3-{n}"
-    llm = make_llm(model, n + 64, {"dram_bytes": "48MiB", "disk_path": str(store3),
+    # The sequence: 48 MiB of DRAM at 4,096 tokens (A and B do not both fit),
+    # scaled with the prompt (a DRAM smaller than one prompt is another case).
+    pressure_dram = 48 * 2**20 * max(1, n // 4096)
+    llm = make_llm(model, n + 64, {"dram_bytes": pressure_dram, "disk_path": str(store3),
                                    "disk_bytes": "64GiB"})
     ttft(llm, fresh()[:512])
-    # B pushes part of A out of DRAM when the two do not fit in 48 MiB
-    spill = {"disk": BLOCK} if 2 * blocks * record > 48 * 2**20 else {}
+    # B pushes part of A out of DRAM when the two do not fit
+    spill = {"disk": BLOCK} if 2 * blocks * record > pressure_dram else {}
     for i in range(samples):
         a, b = fresh(), fresh()
         ttft(llm, a)
@@ -283,7 +286,7 @@ def run_throughput(model: str, work: Path, batches: int, prompts: int, tokens: i
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompt-tokens", default="4096", help="comma-separated, e.g. 4096,16384")
+    p.add_argument("--prompt-tokens", default="4096", help="comma-separated, e.g. 4096,16384; empty: the no-reuse throughput only")
     p.add_argument("--samples", type=int, default=7)
     p.add_argument("--throughput-batches", type=int, default=7)
     p.add_argument("--throughput-prompts", type=int, default=4)
@@ -291,7 +294,7 @@ def main(argv=None) -> int:
     p.add_argument("--output-tokens", type=int, default=32)
     p.add_argument("--skip-throughput", action="store_true")
     a = p.parse_args(argv)
-    lengths = [int(x) for x in a.prompt_tokens.split(",")]
+    lengths = [int(x) for x in a.prompt_tokens.split(",") if x.strip()]
 
     import dataclasses
     from kvtier.tinymodel import BENCH_LLAMA, write_model
@@ -300,7 +303,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="kvtier-ttft-"))
     # positions for the longest prompt (RoPE: no weights change)
     model = str(write_model(work / "model", dataclasses.replace(
-        BENCH_LLAMA, max_position_embeddings=max(8192, max(lengths) + 64))))
+        BENCH_LLAMA, max_position_embeddings=max([8192] + [n + 64 for n in lengths]))))
     rng = random.Random(0)
     st = stamp()
     print(f"ttft_reload: {line(st)}", flush=True)
