@@ -60,6 +60,10 @@ STREAM_SLOTS = 16           # scratch slots a streamed disk load reuses
 STARVED_LOG_S = 30.0        # how often a lookup deferred for want of a slot is logged
 REMOTE_ROOM_RECORDS = 8192   # disk room kept for the next step's cluster-tier hits
 KEY_MEMO_ENTRIES = 1 << 18     # vLLM block hash -> kvtier key, for prefixes seen before
+# A block with no free DRAM slot to be stored through (all held by copies and
+# writes in flight) waits for one, in order: a prefix is only as useful as its
+# first missing block. A finished request's pages are held for that at most:
+STORE_WAIT_S = 2.0
 
 
 def _trim(memo: dict) -> None:
@@ -96,6 +100,8 @@ class ReqState:
     chain: KeyChain
     block_ids: list[list[int]] = field(default_factory=list)   # per KV cache group
     handled_blocks: int = 0      # blocks [0, n) stored, present, or skipped
+    computed_blocks: int = 0     # full blocks computed so far (to be stored)
+    finished_at: float = 0.0     # finished with blocks waiting for DRAM slots: since
     store_jobs: int = 0          # store jobs not yet answered by every rank
     load: LoadPlan | None = None  # a load in flight
     group_keys: dict[int, list] = field(default_factory=dict)   # group -> record keys (lazy)
@@ -219,6 +225,7 @@ class KVTierScheduler:
         self._new_loads: list[LoadJob] = []
         self._await_sending: set[str] = set()   # to tell the workers, next step
         self._held_pages: set[str] = set()      # finished requests whose pages kvtier holds
+        self._finishing: dict[str, ReqState] = {}   # finished, blocks wait for DRAM slots
         self._events: list = []                  # KV events to publish (take_events)
         self._store_jobs: dict[int, Pending] = {}
         self._writes: dict[bytes, Pending] = {}
@@ -597,6 +604,17 @@ class KVTierScheduler:
             self._flush_next = False
             now = self.clock()
             self._step = (time.perf_counter(), so.total_num_scheduled_tokens)
+            for req_id in so.preempted_req_ids or ():   # pages freed: nothing left to store
+                st = self._reqs.get(req_id)
+                if st is not None:
+                    st.computed_blocks = min(st.computed_blocks, st.handled_blocks)
+            for req_id, st in list(self._finishing.items()):   # their pages are held
+                self._store_blocks(meta, req_id, st, now)
+                if st.handled_blocks < st.computed_blocks and now - st.finished_at < STORE_WAIT_S:
+                    continue
+                self._give_up_stores(st)
+                del self._finishing[req_id]
+                self._await_sending.add(req_id)   # next step: after this step's copies
             for req in so.scheduled_new_reqs:
                 self._plan_stores(meta, req.req_id, req.block_ids, True,
                                   req.num_computed_tokens, so, now)
@@ -669,13 +687,27 @@ class KVTierScheduler:
             done = min(done, request.num_prompt_tokens)
         if len(st.block_ids) != len(self.groups):
             return   # no block table from vLLM yet
-        n_full = min([done // self.block_size] + [len(ids) for ids in st.block_ids])
+        # (after a preemption, what the resumed request has computed again)
+        st.computed_blocks = min([done // self.block_size] + [len(ids) for ids in st.block_ids])
+        self._store_blocks(meta, req_id, st, now)
+
+    def _store_blocks(self, meta: KVTierMetadata, req_id: str, st: ReqState,
+                      now: float) -> None:
+        """Store jobs for ``st``'s computed blocks not yet handled, in order. Without a
+        free DRAM slot the rest waits for a later step (its pages hold the KV: a
+        running request's, or a finished one's, held), unless a sliding window may
+        free a page meanwhile: then that block is skipped."""
+        n_full = st.computed_blocks
         if n_full <= st.handled_blocks:
             return
         self._keys(st, n_full)
         items: list[StoreItem] = []
         fills: list[Block] = []
+        wait = not self.window_groups
+        handled = n_full
         for i in range(st.handled_blocks, n_full):
+            if handled < n_full:
+                break
             for g in self.groups:
                 page = st.block_ids[g.index][i]
                 if g.windowed and page == NULL_BLOCK:   # left the window before it was stored
@@ -685,6 +717,10 @@ class KVTierScheduler:
                     continue
                 ttl = st.retention.ttl
                 dram = self.ledger.begin_store(key, now, ttl)
+                if dram is None and wait and key not in self.ledger.dram:
+                    # every slot held by work in flight: this block and the rest wait
+                    handled = i
+                    break
                 if dram is None:
                     self.stats.inc("kvtier_skipped_stores_total", reason="dram_full")
                     continue
@@ -711,13 +747,22 @@ class KVTierScheduler:
                     self._keep(key, now, st)
                 if g.windowed:
                     self._flush_next = True   # the page may leave the window next step
-        st.handled_blocks = n_full
+        st.handled_blocks = handled
         if items:
             job = self._next_job
             self._next_job += 1
             self._store_jobs[job] = Pending(fills, req_id=req_id)
             meta.stores.append(StoreJob(job, req_id, items))
             st.store_jobs += 1
+
+    def _give_up_stores(self, st: ReqState) -> None:
+        """A finished request's blocks that found no DRAM slot within STORE_WAIT_S
+        are not stored."""
+        left = st.computed_blocks - st.handled_blocks
+        if left > 0:
+            self.stats.inc("kvtier_skipped_stores_total", left * len(self.groups),
+                           reason="dram_full")
+            st.handled_blocks = st.computed_blocks
 
     # ----------------------------------------------------------- completions
     def update_connector_output(self, output) -> None:
@@ -735,7 +780,8 @@ class KVTierScheduler:
         has_pending_push_work) so that their answers arrive and free their slots
         now, not when the next request comes."""
         with self._lock:
-            return bool(self._store_jobs or self._writes or self._stages or self._loads)
+            return bool(self._store_jobs or self._writes or self._stages or self._loads
+                        or self._finishing or self._await_sending)
 
     def has_pending_block_frees(self) -> bool:
         """Finished requests' pages that kvtier's copies still read: they come back
@@ -860,7 +906,15 @@ class KVTierScheduler:
             if st.load is not None:
                 # Aborted while its load is in flight: vLLM frees the blocks when the
                 # load is reported finished (finished_recving), never before.
+                self._give_up_stores(st)
                 return False, report
+            if st.handled_blocks < st.computed_blocks:
+                # Blocks that wait for a DRAM slot: stored from its pages, held until
+                # they are (build_connector_meta), at most STORE_WAIT_S.
+                st.finished_at = now
+                self._finishing[request.request_id] = st
+                self._held_pages.add(request.request_id)
+                return True, report
             if st.store_jobs:
                 self._await_sending.add(request.request_id)
                 self._held_pages.add(request.request_id)

@@ -267,3 +267,19 @@ def test_a_disk_that_fails_every_read_costs_a_recompute_not_a_stuck_request(mode
         assert 1 <= failed <= len(ps) * BLOCKS_PER_PROMPT, failed
         assert metric_value(m, "kvtier_reload_refused_total") >= 1
         assert alive(s)
+
+
+def test_a_prompt_longer_than_dram_is_stored_whole(model_dir, tmp_path):
+    """A DRAM tier of 12 records and a prompt of 23 full blocks: the blocks that
+    find no free slot wait for one (the finished request's pages held meanwhile),
+    so every block reaches the disk; after a restart the whole prompt is a disk
+    hit with the same answer. (Before: 12 of 23 blocks stored, 384 tokens hit.)"""
+    store, (p,) = tmp_path / "store", prompts(1, seed=41)
+    kw = {"dram_bytes": 12 * RECORD_BYTES}
+    with server(model_dir, store, tmp_path / "a.log", **kw) as s:
+        first = text(s.complete(p))
+        wait_records(store, BLOCKS_PER_PROMPT, timeout=30)
+        assert metric_value(s.metrics(), "kvtier_skipped_stores_total", reason="dram_full") == 0
+    with server(model_dir, store, tmp_path / "b.log", **kw) as s:
+        r = s.complete(p)
+        assert cached(r) == FULL_BLOCK_TOKENS and text(r) == first

@@ -6,11 +6,9 @@ import os
 import threading
 import time
 
-import pytest
-
 from kvtier.cache.groups import KVGroup
 from tests.conftest import needs_vllm
-from tests.sim import BS, MiniEngine, content
+from tests.sim import BS, MiniEngine
 
 pytestmark = needs_vllm
 
@@ -422,3 +420,65 @@ def test_a_preempted_request_loads_again(tmp_path):
     e.check()
     assert _refused(e) == 0
     e.sched.check_invariants(idle=True)
+
+
+def test_a_prompt_longer_than_dram_is_stored_whole(tmp_path):
+    """A prompt of 40 blocks through 16 DRAM slots: the blocks that find no free
+    slot wait for one (the request's pages held after it finished) instead of
+    being skipped; every block reaches the disk, and a restart loads them all.
+    (Storing only what fit, 16 of 40 blocks were kept.)"""
+    e = MiniEngine(tmp_path, slots=16, disk_records=64)
+    tokens = list(range(7000, 7000 + 40 * BS))
+    e.add("long", tokens + [1])
+    e.settle()
+    e.drain()
+    e.check()
+    assert len(e.sched.ledger.disk) == 40
+    assert e.sched.stats.counter("kvtier_skipped_stores_total", reason="dram_full") == 0
+    e.restart()
+    e.add("again", tokens + [2])
+    e.settle()
+    e.check()
+    assert e.hits["loaded_ok"] == 40 * BS and e.load_failures == 0
+
+
+def test_a_finished_request_waits_for_dram_slots_at_most_store_wait(tmp_path):
+    """DRAM held by a load that does not end: a finished request's waiting blocks
+    give up after STORE_WAIT_S (counted as dram_full) and its pages are let go."""
+    from kvtier.vllm.scheduler import STORE_WAIT_S
+    e = MiniEngine(tmp_path, slots=16, disk_records=64)
+    held = [e.sched.ledger.begin_store(bytes([i]) * 16, e.now) for i in range(16)]
+    assert all(held)   # every slot pinned by a copy that never ends
+    e.add("long", list(range(7000, 7000 + 8 * BS)) + [1])
+    for _ in range(3):
+        e.step()
+    assert e.reqs["long"].pages is not None and e.sched.has_pending_work()
+    e.now += STORE_WAIT_S + 0.1
+    for _ in range(3):
+        e.step()
+    assert e.reqs["long"].pages is None   # let go
+    assert e.sched.stats.counter("kvtier_skipped_stores_total", reason="dram_full") == 8
+    for b in held:
+        e.sched.ledger.end_store(b, False)
+    e.check()
+
+
+def test_a_preempted_request_stores_nothing_from_its_freed_pages(tmp_path):
+    """Blocks that wait for a DRAM slot belong to the request's pages: once it is
+    preempted (vLLM frees them at once) and then aborted, none is stored later."""
+    e = MiniEngine(tmp_path, slots=16, disk_records=64)
+    held = [e.sched.ledger.begin_store(bytes([i]) * 16, e.now) for i in range(16)]
+    e.add("long", list(range(7000, 7000 + 8 * BS)) + [1], max_tokens=8)
+    e.step()                      # prefilled: its 8 blocks wait for slots
+    e.preempt("long")
+    pages, e.free_pages = e.free_pages, []   # no room: it stays preempted
+    e.step()                      # vLLM tells the connector (preempted_req_ids)
+    e.abort("long")
+    e.free_pages = pages
+    for b in held:                # slots free again
+        e.sched.ledger.end_store(b, False)
+    for _ in range(3):
+        e.step()
+    e.drain()
+    assert len(e.sched.ledger.disk) == 0 and not e.sched.has_pending_work()
+    e.check()
