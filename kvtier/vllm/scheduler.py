@@ -101,6 +101,7 @@ class ReqState:
     block_ids: list[list[int]] = field(default_factory=list)   # per KV cache group
     handled_blocks: int = 0      # blocks [0, n) stored, present, or skipped
     computed_blocks: int = 0     # full blocks computed so far (to be stored)
+    computed_at_preemption: int = 0   # vLLM's preemption count when they were
     finished_at: float = 0.0     # finished with blocks waiting for DRAM slots: since
     store_jobs: int = 0          # store jobs not yet answered by every rank
     load: LoadPlan | None = None  # a load in flight
@@ -226,6 +227,7 @@ class KVTierScheduler:
         self._await_sending: set[str] = set()   # to tell the workers, next step
         self._held_pages: set[str] = set()      # finished requests whose pages kvtier holds
         self._finishing: dict[str, ReqState] = {}   # finished, blocks wait for DRAM slots
+        self._dram_blocked = False
         self._events: list = []                  # KV events to publish (take_events)
         self._store_jobs: dict[int, Pending] = {}
         self._writes: dict[bytes, Pending] = {}
@@ -604,6 +606,7 @@ class KVTierScheduler:
             self._flush_next = False
             now = self.clock()
             self._step = (time.perf_counter(), so.total_num_scheduled_tokens)
+            self._dram_blocked = False   # set by the step's first store that finds no slot
             for req_id in so.preempted_req_ids or ():   # pages freed: nothing left to store
                 st = self._reqs.get(req_id)
                 if st is not None:
@@ -614,6 +617,7 @@ class KVTierScheduler:
                     continue
                 self._give_up_stores(st)
                 del self._finishing[req_id]
+                self._end_use(st, now)            # the blocks stored since: LRU order
                 self._await_sending.add(req_id)   # next step: after this step's copies
             for req in so.scheduled_new_reqs:
                 self._plan_stores(meta, req.req_id, req.block_ids, True,
@@ -689,6 +693,7 @@ class KVTierScheduler:
             return   # no block table from vLLM yet
         # (after a preemption, what the resumed request has computed again)
         st.computed_blocks = min([done // self.block_size] + [len(ids) for ids in st.block_ids])
+        st.computed_at_preemption = getattr(request, "num_preemptions", 0)
         self._store_blocks(meta, req_id, st, now)
 
     def _store_blocks(self, meta: KVTierMetadata, req_id: str, st: ReqState,
@@ -698,12 +703,12 @@ class KVTierScheduler:
         running request's, or a finished one's, held), unless a sliding window may
         free a page meanwhile: then that block is skipped."""
         n_full = st.computed_blocks
-        if n_full <= st.handled_blocks:
+        wait = not self.window_groups
+        if n_full <= st.handled_blocks or (wait and self._dram_blocked):
             return
         self._keys(st, n_full)
         items: list[StoreItem] = []
         fills: list[Block] = []
-        wait = not self.window_groups
         handled = n_full
         for i in range(st.handled_blocks, n_full):
             if handled < n_full:
@@ -717,9 +722,10 @@ class KVTierScheduler:
                     continue
                 ttl = st.retention.ttl
                 dram = self.ledger.begin_store(key, now, ttl)
-                if dram is None and wait and key not in self.ledger.dram:
+                if dram is None and wait:
                     # every slot held by work in flight: this block and the rest wait
-                    handled = i
+                    # (and other requests' stores this step do not look again)
+                    handled, self._dram_blocked = i, True
                     break
                 if dram is None:
                     self.stats.inc("kvtier_skipped_stores_total", reason="dram_full")
@@ -896,21 +902,22 @@ class KVTierScheduler:
             st = self._reqs.pop(request.request_id, None)
             if st is None:
                 return False, None
-            # A use ends at completion. Refresh the last block first so that the
-            # prefix's first block, the one every continuation needs, leaves last.
             now = self.clock()
-            for key in reversed(st.chain.keys[:st.handled_blocks]):
-                for g in reversed(self.groups):
-                    self._use(group_key(key, g.index), now, st, again=False)
+            self._end_use(st, now)
             report = self._report(st)
             if st.load is not None:
                 # Aborted while its load is in flight: vLLM frees the blocks when the
                 # load is reported finished (finished_recving), never before.
                 self._give_up_stores(st)
                 return False, report
+            if st.computed_at_preemption != getattr(request, "num_preemptions", 0):
+                # Preempted since its blocks were computed (its pages freed), also
+                # outside a schedule (vLLM's reset_prefix_cache of running requests)
+                st.computed_blocks = min(st.computed_blocks, st.handled_blocks)
             if st.handled_blocks < st.computed_blocks:
                 # Blocks that wait for a DRAM slot: stored from its pages, held until
-                # they are (build_connector_meta), at most STORE_WAIT_S.
+                # they are (build_connector_meta), at most STORE_WAIT_S. (Its report,
+                # made now, counts the stores planned so far.)
                 st.finished_at = now
                 self._finishing[request.request_id] = st
                 self._held_pages.add(request.request_id)
@@ -920,6 +927,13 @@ class KVTierScheduler:
                 self._held_pages.add(request.request_id)
                 return True, report
             return False, report
+
+    def _end_use(self, st: ReqState, now: float) -> None:
+        """A use ends at completion. Refresh the last block first so that the
+        prefix's first block, the one every continuation needs, leaves last."""
+        for key in reversed(st.chain.keys[:st.handled_blocks]):
+            for g in reversed(self.groups):
+                self._use(group_key(key, g.index), now, st, again=False)
 
     def _report(self, st: ReqState) -> dict:
         """Like a provider's cache_read/cache_creation tokens: where the prompt's KV

@@ -6,6 +6,8 @@ import os
 import threading
 import time
 
+import pytest
+
 from kvtier.cache.groups import KVGroup
 from tests.conftest import needs_vllm
 from tests.sim import BS, MiniEngine
@@ -435,6 +437,12 @@ def test_a_prompt_longer_than_dram_is_stored_whole(tmp_path):
     e.check()
     assert len(e.sched.ledger.disk) == 40
     assert e.sched.stats.counter("kvtier_skipped_stores_total", reason="dram_full") == 0
+    # LRU order: the first block, the one every continuation needs, leaves last
+    keys = e.keys("long")
+    for tier in (e.sched.ledger.dram, e.sched.ledger.disk):
+        order = {k: i for i, k in enumerate(tier.keys())}   # least recently used first
+        mine = [order[k] for k in keys if k in order]
+        assert mine == sorted(mine, reverse=True), tier
     e.restart()
     e.add("again", tokens + [2])
     e.settle()
@@ -463,16 +471,21 @@ def test_a_finished_request_waits_for_dram_slots_at_most_store_wait(tmp_path):
     e.check()
 
 
-def test_a_preempted_request_stores_nothing_from_its_freed_pages(tmp_path):
+@pytest.mark.parametrize("told", [True, False])
+def test_a_preempted_request_stores_nothing_from_its_freed_pages(tmp_path, told):
     """Blocks that wait for a DRAM slot belong to the request's pages: once it is
-    preempted (vLLM frees them at once) and then aborted, none is stored later."""
+    preempted (vLLM frees them at once) and then aborted, none is stored later,
+    whether a schedule told the connector of the preemption before the abort
+    (``told``) or not (vLLM's reset_prefix_cache preempts running requests
+    outside a schedule)."""
     e = MiniEngine(tmp_path, slots=16, disk_records=64)
     held = [e.sched.ledger.begin_store(bytes([i]) * 16, e.now) for i in range(16)]
     e.add("long", list(range(7000, 7000 + 8 * BS)) + [1], max_tokens=8)
     e.step()                      # prefilled: its 8 blocks wait for slots
     e.preempt("long")
     pages, e.free_pages = e.free_pages, []   # no room: it stays preempted
-    e.step()                      # vLLM tells the connector (preempted_req_ids)
+    if told:
+        e.step()                  # vLLM tells the connector (preempted_req_ids)
     e.abort("long")
     e.free_pages = pages
     for b in held:                # slots free again
