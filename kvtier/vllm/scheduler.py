@@ -607,10 +607,6 @@ class KVTierScheduler:
             now = self.clock()
             self._step = (time.perf_counter(), so.total_num_scheduled_tokens)
             self._dram_blocked = False   # set by the step's first store that finds no slot
-            for req_id in so.preempted_req_ids or ():   # pages freed: nothing left to store
-                st = self._reqs.get(req_id)
-                if st is not None:
-                    st.computed_blocks = min(st.computed_blocks, st.handled_blocks)
             for req_id, st in list(self._finishing.items()):   # their pages are held
                 self._store_blocks(meta, req_id, st, now)
                 if st.handled_blocks < st.computed_blocks and now - st.finished_at < STORE_WAIT_S:
