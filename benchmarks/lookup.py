@@ -71,7 +71,6 @@ def main(argv=None) -> int:
         for kind in ("cold", "warm"):
             if kind == "cold":
                 sched._key_memo.clear()
-                sched._group_key_memo.clear()
             req = Request(f"{kind}{s}", tokens, sp, None, block_hasher=hasher)
             t0 = time.perf_counter()
             got = sched.get_num_new_matched_tokens(req, 0)

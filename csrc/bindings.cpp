@@ -10,7 +10,7 @@
 
 #include "copy/cpu_copy.h"
 #include "io/io_bindings.h"
-#ifdef KVTIER_WITH_B2
+#ifdef KVTIER_WITH_KEYS
 #include "cache/key_bindings.h"
 #endif
 #ifdef KVTIER_WITH_CUDA
@@ -103,7 +103,7 @@ NB_MODULE(_copy_engine, m) {
 #endif
 
   bind_io(m);  // IoEngine: the disk store's native record I/O (io_engine.h)
-#ifdef KVTIER_WITH_B2
+#ifdef KVTIER_WITH_KEYS
   bind_keys(m);  // chain_keys, group_keys: block keys in bulk (cache/key_bindings.cpp)
 #endif
 }

@@ -20,8 +20,9 @@
 #                            (Prometheus: tests/e2e/test_observability.py); .ci/run sets it.
 # System packages (root and apt-get; otherwise the script names what is missing):
 #   libxxhash-dev, pkg-config  build: the store's checksum (csrc/CMakeLists.txt)
-#   libb2-dev                  optional (installed when we may): block keys hashed
-#                              in bulk natively; without it, in Python (same keys)
+#   libssl-dev                 optional (installed when we may): block keys hashed
+#                              in bulk natively (OpenSSL's SHA-256); without it, in
+#                              Python (same keys)
 #   libibverbs1                the cluster tier's Mooncake client loads it (even over
 #                              TCP); installed when we may, required with KVTIER_TEST_PACKAGES=1
 #   prometheus                 with KVTIER_TEST_PACKAGES=1
@@ -69,9 +70,9 @@ if [ -n "${need_sys[*]+x}" ] && [ -n "${need_sys[*]}" ]; then
   fi
 fi
 
-if can_apt && command -v pkg-config >/dev/null 2>&1 && ! pkg-config --exists libb2; then
-  say "installing libb2-dev (apt-get; optional: native key hashing)"
-  apt_install libb2-dev || say "apt-get install libb2-dev failed: block keys are hashed in Python"
+if can_apt && command -v pkg-config >/dev/null 2>&1 && ! pkg-config --exists libcrypto; then
+  say "installing libssl-dev (apt-get; optional: native key hashing)"
+  apt_install libssl-dev || say "apt-get install libssl-dev failed: block keys are hashed in Python"
 fi
 
 if can_apt && ! has_ibverbs; then

@@ -1,19 +1,24 @@
 // kvtier.cache.keys in bulk: a prompt's chained block keys and a KV cache
-// group's record keys, BLAKE2b-128 from the system's libb2 (the reference
-// BLAKE2 library). The same bytes as the Python path (hashlib.blake2b with
-// digest_size=16; person=b"kvtier-group" for group keys), so keys made by
-// either agree; tests/cache/test_keys.py checks it. Built only when libb2 is
-// found (csrc/CMakeLists.txt); kvtier/cache/keys.py falls back to hashlib.
+// group's record keys, SHA-256 truncated to 128 bits, from the system's
+// OpenSSL libcrypto (SHA extensions where the CPU has them). The same bytes as
+// the Python path (hashlib.sha256), so keys made by either agree;
+// tests/cache/test_keys.py checks it. Built only when libcrypto is found
+// (csrc/CMakeLists.txt); kvtier/cache/keys.py falls back to hashlib.
+//
+// OpenSSL's one-digest functions (SHA256_Init/Update/Final) are deprecated in
+// 3.x in favour of EVP, but still shipped; they cost ~30% less per short input
+// than EVP's per-call dispatch, which is most of what a 128K-token prompt's
+// lookup spends here.
+#define OPENSSL_SUPPRESS_DEPRECATED
 #include "key_bindings.h"
 
-#include <blake2.h>
 #include <nanobind/nanobind.h>
+#include <openssl/sha.h>
 
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <string>
-#include <vector>
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -22,51 +27,57 @@ namespace kvtier {
 namespace {
 
 constexpr size_t kKey = 16;
+// Group keys hash this prefix (its NUL included), the key and the index: 31
+// bytes, never a chain key's input (16 + 4 * block_size bytes).
+constexpr char kGroupPrefix[] = "kvtier-group";
 
-// out[i] = BLAKE2b-128(out[i-1] || tokens[i*block_bytes, (i+1)*block_bytes)),
+// out[i] = SHA-256(out[i-1] || tokens[i*block_bytes, (i+1)*block_bytes))[:16],
 // out[-1] = parent.
 void chain(const uint8_t* parent, const uint8_t* tokens, size_t n, size_t block_bytes,
            uint8_t* out) {
-  std::vector<uint8_t> buf(kKey + block_bytes);
-  std::memcpy(buf.data(), parent, kKey);
+  const uint8_t* prev = parent;
+  uint8_t digest[SHA256_DIGEST_LENGTH];
   for (size_t i = 0; i < n; ++i) {
-    std::memcpy(buf.data() + kKey, tokens + i * block_bytes, block_bytes);
-    // init/update/final: their signatures are the same in libb2 and the
-    // reference code (the one-call blake2b() orders its arguments differently).
-    blake2b_state s;
-    if (blake2b_init(&s, kKey) != 0 || blake2b_update(&s, buf.data(), buf.size()) != 0 ||
-        blake2b_final(&s, out + i * kKey, kKey) != 0)
-      throw std::runtime_error("blake2b failed");
-    std::memcpy(buf.data(), out + i * kKey, kKey);
+    SHA256_CTX s;
+    SHA256_Init(&s);
+    SHA256_Update(&s, prev, kKey);
+    SHA256_Update(&s, tokens + i * block_bytes, block_bytes);
+    SHA256_Final(digest, &s);
+    std::memcpy(out + i * kKey, digest, kKey);
+    prev = out + i * kKey;
   }
 }
 
-// out[i] = BLAKE2b-128(keys[i] || index as 2 bytes LE), personalised "kvtier-group".
+// out[i] = SHA-256("kvtier-group\0" || keys[i] || index as 2 bytes LE)[:16].
 void groups(const uint8_t* keys, size_t n, unsigned index, uint8_t* out) {
-  blake2b_param p;
-  std::memset(&p, 0, sizeof p);
-  p.digest_length = kKey;
-  p.fanout = 1;
-  p.depth = 1;
-  static const char person[] = "kvtier-group";
-  std::memcpy(p.personal, person, sizeof person - 1);
-  uint8_t in[kKey + 2];
-  in[kKey] = static_cast<uint8_t>(index & 0xff);
-  in[kKey + 1] = static_cast<uint8_t>(index >> 8);
+  constexpr size_t kPre = sizeof kGroupPrefix;   // with its NUL
+  uint8_t in[kPre + kKey + 2];
+  std::memcpy(in, kGroupPrefix, kPre);
+  in[kPre + kKey] = static_cast<uint8_t>(index & 0xff);
+  in[kPre + kKey + 1] = static_cast<uint8_t>(index >> 8);
+  uint8_t digest[SHA256_DIGEST_LENGTH];
   for (size_t i = 0; i < n; ++i) {
-    blake2b_state s;
-    std::memcpy(in, keys + i * kKey, kKey);
-    if (blake2b_init_param(&s, &p) != 0 || blake2b_update(&s, in, sizeof in) != 0 ||
-        blake2b_final(&s, out + i * kKey, kKey) != 0)
-      throw std::runtime_error("blake2b failed");
+    std::memcpy(in + kPre, keys + i * kKey, kKey);
+    SHA256_CTX s;   // not SHA256(): in OpenSSL 3 it looks the digest up at every call
+    SHA256_Init(&s);
+    SHA256_Update(&s, in, sizeof in);
+    SHA256_Final(digest, &s);
+    std::memcpy(out + i * kKey, digest, kKey);
   }
 }
 
 // The 16-byte keys at out[0..n) as a list of bytes objects.
 nb::list key_list(const std::string& out) {
-  nb::list keys;
-  for (size_t i = 0; i < out.size(); i += kKey) keys.append(nb::bytes(out.data() + i, kKey));
-  return keys;
+  const size_t n = out.size() / kKey;
+  PyObject* keys = PyList_New(static_cast<Py_ssize_t>(n));
+  if (!keys) throw nb::python_error();
+  nb::list owned = nb::steal<nb::list>(keys);
+  for (size_t i = 0; i < n; ++i) {
+    PyObject* b = PyBytes_FromStringAndSize(out.data() + i * kKey, kKey);
+    if (!b) throw nb::python_error();
+    PyList_SET_ITEM(keys, static_cast<Py_ssize_t>(i), b);
+  }
+  return owned;
 }
 
 // The first n token ids of a Python sequence (a list: no copy) as little-endian

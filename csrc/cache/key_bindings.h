@@ -1,5 +1,5 @@
 // Binds key_bindings.cpp into kvtier._copy_engine (bindings.cpp; only when
-// libb2 was found: KVTIER_WITH_B2).
+// OpenSSL's libcrypto was found: KVTIER_WITH_KEYS).
 #pragma once
 
 #include <nanobind/nanobind.h>

@@ -50,12 +50,16 @@ class KVGroup:
 FULL = (KVGroup(0, ()),)   # a model with one full-attention group
 
 
+# A group key hashes 31 bytes, a chain key 16 + 4 x block_size: never the same input.
+GROUP_PREFIX = b"kvtier-group\x00"
+
+
 def group_key(key: bytes, index: int) -> bytes:
-    """The record key of block ``key`` in group ``index`` (group 0: the block key)."""
+    """The record key of block ``key`` in group ``index`` (group 0: the block key):
+    ``sha256(GROUP_PREFIX || key || index)`` truncated to the key's length."""
     if index == 0:
         return key
-    return hashlib.blake2b(key + index.to_bytes(2, "little"), digest_size=len(key),
-                           person=b"kvtier-group").digest()
+    return hashlib.sha256(GROUP_PREFIX + key + index.to_bytes(2, "little")).digest()[:len(key)]
 
 
 def group_keys(keys: list[bytes], index: int) -> list[bytes]:

@@ -18,7 +18,7 @@ from kvtier.cache.groups import KVGroup
 from kvtier.cache.ledger import NO_SLOT, Block, Ledger, State
 
 DRAM, DISK, REMOTE = "dram", "disk", "remote"
-UNSEEN = False   # a (block, group) not looked up yet (found: a tuple; missing: None)
+UNSEEN = False   # a (block, group) not looked up yet (found: its Block; missing: None)
 MISSED_PROBES_PER_LOOKUP = 4   # shared-store file checks that found nothing, per lookup
 
 
@@ -92,7 +92,7 @@ class HitSearch:
                     miss = [j for j, f in enumerate(found) if f is None]
                     for j, block in zip(miss, self.remote([keys[j] for j in miss], now)):
                         if block is not None:
-                            found[j] = (DISK, block)
+                            found[j] = block
                             adopted.append(block)
                 w[lo:hi] = found
             return w
@@ -119,11 +119,11 @@ class HitSearch:
             for g in self.groups:
                 w = where[g.index]
                 for i in g.needed(start, end):
-                    t, entry = w[i]
-                    if t == DRAM and entry.state is State.STAGING:
-                        t = DISK   # joins a read in flight
-                    elif entry.remote:
-                        t = REMOTE
+                    entry = w[i]
+                    if entry.slot == NO_SLOT:
+                        t = REMOTE if entry.remote else DISK
+                    else:   # a DRAM block; STAGING: the load joins a read in flight
+                        t = DISK if entry.state is State.STAGING else DRAM
                     hits.append(Hit(i, g.index, entry.key, t, entry))
             if len(self.groups) > 1:
                 hits.sort(key=lambda h: (h.block, h.group))
@@ -182,13 +182,13 @@ class HitSearch:
                 return tier
         return None
 
-    def _probe(self, key: bytes, now: float, probes: list[int]) -> tuple[str, Block] | None:
+    def _probe(self, key: bytes, now: float, probes: list[int]) -> Block | None:
         """An index miss: another process may have published the record (a shared
         store). A few misses per lookup at most: each costs a stat per rank."""
         if probes[0] > 0 and self.probe is not None and self.ledger.writable(key):
             block = self.probe(key, now)
             if block is not None:
-                return DISK, block
+                return block
             probes[0] -= 1
         return None
 

@@ -142,32 +142,50 @@ class Ledger:
     def locate(self, key: bytes, now: float) -> tuple[str, Block] | None:
         """Where a load of ``key`` can come from, and the block it reads: "dram"
         (READY, or STAGING: the load joins the read in flight) or "disk" (READY)."""
-        return self.locate_many((key,), now)[0]
+        block = self.locate_many((key,), now)[0]
+        if block is None:
+            return None
+        return ("dram" if block.slot != NO_SLOT else "disk"), block
 
-    def locate_many(self, keys, now: float) -> list[tuple[str, Block] | None]:
-        """``locate`` of each key: the hot path of every lookup (a few per block),
-        with ``Tier.live`` inlined."""
-        dget, dttl = self.dram._entries.get, self.dram.ttl
-        kget = self.disk._entries.get if self.disk is not None else None
-        kttl = self.disk.ttl if self.disk is not None else 0.0
+    def locate_many(self, keys, now: float) -> list[Block | None]:
+        """The block ``locate`` finds for each key (its tier: a DRAM block owns a
+        slot), the hot path of every lookup (a few per block). When a tier's
+        least recently used entry is live, all of its entries are (LRU order is
+        last-use order; the tier's TTL the shortest): no TTL check per key."""
         ready, staging = State.READY, State.STAGING
-        out: list = []
-        append = out.append
-        for key in keys:
-            e = dget(key)
-            if e is not None and (e.pins or now - e.last_use < dttl or now - e.last_use < e.ttl):
-                b = e.value
-                if b.state is ready or b.state is staging:
-                    append(("dram", b))
-                    continue
-            if kget is not None:
-                e = kget(key)
-                if e is not None and (e.pins or now - e.last_use < kttl
-                                      or now - e.last_use < e.ttl) and e.value.state is ready:
-                    append(("disk", e.value))
-                    continue
-            append(None)
-        return out
+        dram, disk = self.dram, self.disk
+        dget, kget = dram._entries.get, (disk._entries.get if disk is not None else None)
+        if dram.all_live(now) and (disk is None or disk.all_live(now)):
+            out = []
+            append = out.append
+            for key in keys:
+                e = dget(key)
+                if e is not None:
+                    b = e.value
+                    if b.state is ready or b.state is staging:
+                        append(b)
+                        continue
+                if kget is not None:
+                    e = kget(key)
+                    if e is not None and e.value.state is ready:
+                        append(e.value)
+                        continue
+                append(None)
+            return out
+        return [self._locate_checked(key, now, dget, kget) for key in keys]
+
+    def _locate_checked(self, key: bytes, now: float, dget, kget) -> Block | None:
+        """``locate_many`` of one key, its entries' TTLs checked (``Tier.live``)."""
+        e = dget(key)
+        if e is not None and self.dram.live_entry(e, now):
+            b = e.value
+            if b.state is State.READY or b.state is State.STAGING:
+                return b
+        if kget is not None:
+            e = kget(key)
+            if e is not None and self.disk.live_entry(e, now) and e.value.state is State.READY:
+                return e.value
+        return None
 
     def servable(self, key: bytes, now: float) -> str | None:
         """The tier ``locate`` would load ``key`` from, or None."""

@@ -103,10 +103,19 @@ class Tier:
         """The entry for ``key`` unless absent or expired; changes nothing (the
         hot path of lookups: expired entries go in ``get``/``expire``)."""
         entry = self._entries.get(key)
-        if entry is None or (entry.pins == 0 and now - entry.last_use >= self.ttl
-                             and now - entry.last_use >= entry.ttl):
-            return None
-        return entry
+        return entry if entry is not None and self.live_entry(entry, now) else None
+
+    def live_entry(self, entry: Entry, now: float) -> bool:
+        """``entry`` (of this tier) is not expired at ``now``."""
+        return entry.pins > 0 or now - entry.last_use < self.ttl or now - entry.last_use < entry.ttl
+
+    def all_live(self, now: float) -> bool:
+        """No entry is expired at ``now``: the least recently used one was used
+        within the TTL (entries are in last-use order; the tier's TTL is the
+        shortest). O(1)."""
+        for entry in self._entries.values():
+            return now - entry.last_use < self.ttl
+        return True
 
     def peek(self, key: Hashable) -> Entry | None:
         return self._entries.get(key)

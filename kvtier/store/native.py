@@ -19,7 +19,7 @@ try:
 except (ImportError, AttributeError):   # not built, or built before csrc/io/io_engine.cpp
     IoEngine = scan_records = None
 else:
-    if hasattr(_ext, "chain_keys"):   # built with libb2 (csrc/cache/key_bindings.cpp)
+    if hasattr(_ext, "chain_keys"):   # built with libcrypto (csrc/cache/key_bindings.cpp)
         from kvtier.cache.keys import install_native_hashers
         install_native_hashers(chain_keys=_ext.chain_keys, group_keys=_ext.group_keys)
 

@@ -106,7 +106,6 @@ class ReqState:
     store_jobs: int = 0          # store jobs not yet answered by every rank
     load: LoadPlan | None = None  # a load in flight
     group_keys: dict[int, list] = field(default_factory=dict)   # group -> record keys (lazy)
-    group_memo: dict[int, dict] = field(default_factory=dict)   # group -> {block key: its key}
     retention: Retention = Retention(0.0, False)   # what the request asked for
     tenant: str = ""             # its cache_salt
     local_tokens: int = 0        # vLLM's own prefix hit at the last lookup
@@ -122,25 +121,14 @@ class ReqState:
         return self.chain.keys[i] if g == 0 else self.keys_of(g, i + 1)[i]
 
     def keys_of(self, g: int, n: int) -> list[bytes]:
-        """Group ``g``'s record keys of (at least) the first ``n`` blocks: derived in
-        bulk (a window scan walks many of them), through ``group_memo`` (shared by
-        the requests of one scheduler: a prefix seen before is not hashed again)."""
+        """Group ``g``'s record keys of (at least) the first ``n`` blocks, derived
+        in bulk (a window scan walks many of them; hashing one costs less than a
+        memo of them would)."""
         if g == 0:
             return self.chain.keys
         keys = self.group_keys.setdefault(g, [])
         if len(keys) < n:
-            memo = self.group_memo.setdefault(g, {})
-            base = self.chain.keys[len(keys):n]
-            found = list(map(memo.get, base))
-            if found.count(None) == len(found):   # none seen (a cold prefix): in bulk
-                found = group_keys(base, g)
-                memo.update(zip(base, found))
-            elif None in found:
-                todo = [i for i, gk in enumerate(found) if gk is None]
-                for i, gk in zip(todo, group_keys([base[i] for i in todo], g)):
-                    found[i] = memo[base[i]] = gk
-            keys += found
-            _trim(memo)
+            keys += group_keys(self.chain.keys[len(keys):n], g)
         return keys
 
 
@@ -244,9 +232,8 @@ class KVTierScheduler:
         # that hash is collision-resistant (sha256: memo_keys), a block vLLM hashed
         # the same as one seen before has the same kvtier key: the chain of a
         # resent prefix is looked up, not hashed again (a 128K-token prompt: 4,096
-        # blake2b calls). Bounded; oldest first out.
+        # SHA-256 calls). Bounded; oldest first out.
         self._key_memo: dict[bytes, bytes] | None = {} if memo_keys else None
-        self._group_key_memo: dict[int, dict[bytes, bytes]] = {}   # see ReqState.keys_of
         # KV events for routers (vLLM's --kv-events-config): a block's vLLM hash
         # rides on its ledger block; its arrivals and departures become events.
         self.ledger.track = events
@@ -332,7 +319,7 @@ class KVTierScheduler:
                             request.request_id, retention.error)
                 self.stats.inc("kvtier_bad_request_params_total")
             st = ReqState(request, KeyChain(root, self.block_size), retention=retention,
-                          tenant=salt or "", group_memo=self._group_key_memo)
+                          tenant=salt or "")
             self._reqs[request.request_id] = st
         return st
 
@@ -350,8 +337,9 @@ class KVTierScheduler:
         hashes = getattr(st.request, "block_hashes", None)
         if memo is None or not hashes or len(hashes) < n:
             return chain.extend(ids, n)
-        found = list(map(memo.get, hashes[have:n]))
-        chain.keys += found[:found.index(None)] if None in found else found
+        if memo.get(hashes[have]) is not None:   # else a cold prefix: no memo lookups
+            found = list(map(memo.get, hashes[have:n]))
+            chain.keys += found[:found.index(None)] if None in found else found
         known = len(chain.keys)
         chain.extend(ids, n)
         memo.update(zip(hashes[known:n], chain.keys[known:n]))

@@ -25,6 +25,13 @@ def test_keys_stable_across_processes_and_hash_seeds():
     assert outs == {here}
 
 
+def test_keys_do_not_change_by_accident():
+    """Stores persist: a pinned value (keys changed once on purpose, blake2b ->
+    SHA-256: docs/operators.md)."""
+    assert chain_keys(bytes(range(16)), list(range(64)), 32)[1].hex() == \
+        "fb9f93cfd4b0252a1e9b1eba52947f0b"
+
+
 def test_chain_is_a_prefix_hash():
     root = root_key(NS.digest())
     a = chain_keys(root, [1, 2, 3, 4, 5, 6, 7, 8, 9], 4)
@@ -64,7 +71,7 @@ def test_keychain_extends_incrementally():
 
 
 def test_native_keys_equal_the_hashlib_keys():
-    """The bulk keys of the native module (libb2) are hashlib's, byte for byte:
+    """The bulk keys of the native module (OpenSSL) are hashlib's, byte for byte:
     chain keys and group keys, so stores written by either build agree."""
     import hashlib
     import random
@@ -74,14 +81,14 @@ def test_native_keys_equal_the_hashlib_keys():
     import kvtier.store.native  # noqa: F401 (installs the native hashers when built)
     from kvtier.cache import groups, keys
     if keys.native_hasher("chain_keys") is None or keys.native_hasher("group_keys") is None:
-        pytest.skip("kvtier._copy_engine built without libb2")
+        pytest.skip("kvtier._copy_engine built without libcrypto")
     rng = random.Random(3)
     toks = [rng.randrange(0, 2**32) for _ in range(64 * 32 + 5)]
     root = root_key(NS.digest(), "salt")
     want, parent = [], root
     for i in range(64):
         data = b"".join(t.to_bytes(4, "little") for t in toks[i * 32:(i + 1) * 32])
-        parent = hashlib.blake2b(parent + data, digest_size=16).digest()
+        parent = hashlib.sha256(parent + data).digest()[:16]
         want.append(parent)
     assert chain_keys(root, toks, 32) == want
     assert chain_keys(root, tuple(toks), 32, 10) == want[:10]   # any sequence, any length
@@ -92,6 +99,6 @@ def test_native_keys_equal_the_hashlib_keys():
     assert groups.group_keys([], 1) == []
     for g in (1, 2, 300):
         assert groups.group_keys(want, g) == [
-            hashlib.blake2b(k + g.to_bytes(2, "little"), digest_size=16,
-                            person=b"kvtier-group").digest() for k in want]
+            hashlib.sha256(b"kvtier-group\x00" + k + g.to_bytes(2, "little")).digest()[:16]
+            for k in want]
     assert groups.group_keys(want, 0) == want

@@ -143,3 +143,40 @@ def test_the_disk_budget_changes_at_run_time():
     b, victim = L.begin_write(k(99), 24.0)
     assert b is not None and victim is None         # room again: no eviction
 
+
+
+def test_locate_many_serves_what_the_per_key_ttl_check_serves():
+    """``locate_many`` skips the per-key TTL check when a tier's least recently
+    used entry is live: it must answer exactly what checking every key answers,
+    whatever the stores, writes, uses, pins and longer per-entry TTLs were."""
+    from hypothesis import given, settings, strategies as st
+
+    op = st.tuples(st.sampled_from(["store", "write", "touch", "pin", "unpin"]),
+                   st.integers(0, 7), st.floats(0, 4), st.sampled_from([0.0, 0.0, 25.0]))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(op, max_size=40), st.floats(0, 40))
+    def run(ops, wait):
+        L = Ledger(8, 8 * REC, REC, ttl=10.0)
+        now, pinned = 0.0, []
+        for kind, i, dt, ttl in ops:
+            now += dt
+            if kind == "store" and (b := L.begin_store(k(i), now, ttl=ttl)) is not None:
+                L.end_store(b, True)
+            elif kind == "write":
+                b, _ = L.begin_write(k(i), now, ttl=ttl)
+                if b is not None:
+                    L.end_write(b, True)
+            elif kind == "touch":
+                L.touch(k(i), now, ttl)
+            elif kind == "pin" and (b := L.locate(k(i), now)) is not None:
+                pinned.append((b[0], L.pin(b[1])))
+            elif kind == "unpin" and pinned:
+                tier, b = pinned.pop()
+                (L.unpin_dram if tier == "dram" else L.unpin_disk)(b)
+        now += wait
+        keys = [k(i) for i in range(8)]
+        dget, kget = L.dram._entries.get, L.disk._entries.get
+        assert L.locate_many(keys, now) == [L._locate_checked(key, now, dget, kget)
+                                            for key in keys]
+    run()

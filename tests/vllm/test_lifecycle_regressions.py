@@ -179,20 +179,20 @@ def test_7_lookup_is_linear_in_the_prompt(tmp_path, monkeypatch):
             b = s.ledger.begin_store(group_key(keys[i], g), s.clock())
             s.ledger.end_store(b, True)
     calls = {"where": 0, "needed": 0}
-    locate, needed = s.ledger.locate, KVGroup.needed
+    locate_many, needed = s.ledger.locate_many, KVGroup.needed
 
-    def count_where(*a):
-        calls["where"] += 1
-        return locate(*a)
+    def count_where(keys, now):
+        calls["where"] += len(keys)
+        return locate_many(keys, now)
 
     def count_needed(self, *a):
         calls["needed"] += 1
         return needed(self, *a)
-    monkeypatch.setattr(s.ledger, "locate", count_where)
+    monkeypatch.setattr(s.ledger, "locate_many", count_where)
     monkeypatch.setattr(KVGroup, "needed", count_needed)
     req = Request("r", tokens, SamplingParams(max_tokens=1), None)
     assert s.get_num_new_matched_tokens(req, 0) == (0, False)   # no 3 window blocks in a row
-    assert calls["where"] <= 2 * n
+    assert calls["where"] <= 2 * len(groups) * n   # each (block, group) at most twice
     assert calls["needed"] <= 2 * len(groups)
 
 
