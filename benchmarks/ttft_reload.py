@@ -16,6 +16,11 @@ Engine 1 (DRAM 8 prompts), per sample i, interleaved:
 Engine 2 (restarted on the same store: DRAM empty), per sample i:
   disk       P_i from disk (O_DIRECT reads: no page cache); then
   local2     P_i again (the floor in this engine); then
+  raw_read   the device's share of a disk hit: as many record-sized files
+             (written before the loop, never read) read with plain O_DIRECT
+             preads, 4 in flight (kvtier's io_threads), no checksum: a disk
+             hit that reads and then computes takes about local2 + raw_read
+             (device_floor_vs_local); then
   disk_busy  Q_i from disk while another process writes records to the same
              disk through kvtier's own store (DiskStore.write, O_DIRECT, the
              write-through path) as fast as it can.
@@ -138,6 +143,47 @@ def writer(path: str, record_mb: float, stop, rate) -> None:
         rate.value = n / (time.perf_counter() - t0)
 
 
+def write_raw_files(folder: Path, sets: int, files: int, size: int) -> list[list[str]]:
+    """``sets`` x ``files`` files of ``size`` bytes (a multiple of 4 KiB), written
+    with O_DIRECT: what ``raw_read`` reads."""
+    import mmap
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = mmap.mmap(-1, size)
+    buf[:] = os.urandom(size)
+    out = []
+    for s in range(sets):
+        out.append([])
+        for f in range(files):
+            path = str(folder / f"{s}-{f}")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+            try:
+                os.pwritev(fd, [buf], 0)
+            finally:
+                os.close(fd)
+            out[-1].append(path)
+    return out
+
+
+def raw_read(paths: list[str], size: int, threads: int = 4) -> float:
+    """Seconds to read ``paths`` whole with O_DIRECT preads, ``threads`` in flight."""
+    import mmap
+    from concurrent.futures import ThreadPoolExecutor
+    bufs = [mmap.mmap(-1, size) for _ in range(threads)]
+
+    def read(k: int) -> None:
+        for path in paths[k::threads]:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            try:
+                if os.preadv(fd, [bufs[k]], 0) != size:
+                    raise RuntimeError(f"short read of {path}")
+            finally:
+                os.close(fd)
+    with ThreadPoolExecutor(threads) as pool:
+        t0 = time.perf_counter()
+        list(pool.map(read, range(threads)))
+        return time.perf_counter() - t0
+
+
 def summary(xs: list[float]) -> dict:
     return {"median_ms": round(statistics.median(xs) * 1000, 1),
             "min_ms": round(min(xs) * 1000, 1), "max_ms": round(max(xs) * 1000, 1),
@@ -153,7 +199,8 @@ def run_ttft(model: str, n: int, samples: int, work: Path, rng) -> dict:
     full = blocks * BLOCK
     fresh = lambda: [rng.randrange(0, 256) for _ in range(n)]   # noqa: E731
     res: dict[str, list[float]] = {k: [] for k in (
-        "recompute", "local", "dram", "disk", "local2", "disk_busy", "pressure", "local3")}
+        "recompute", "local", "dram", "disk", "local2", "raw_read", "disk_busy", "pressure",
+        "local3")}
     store = work / f"store-{n}"
     cfg = {"dram_bytes": 8 * (blocks + 2) * record, "disk_path": str(store),
            "disk_bytes": "64GiB"}
@@ -171,6 +218,7 @@ def run_ttft(model: str, n: int, samples: int, work: Path, rng) -> dict:
         offload_done(llm)
     del llm
 
+    raw = write_raw_files(work / f"raw-{n}", samples, blocks, record)
     llm = make_llm(model, n + 64, cfg)   # a restart: DRAM is empty, the disk is not
     ctx = mp.get_context("spawn")
     stop, rate = ctx.Event(), ctx.Value("d", 0.0)
@@ -179,6 +227,7 @@ def run_ttft(model: str, n: int, samples: int, work: Path, rng) -> dict:
         llm.reset_prefix_cache()
         res["disk"].append(timed(llm, P[i], {"disk": full}, full))
         res["local2"].append(timed(llm, P[i], None, full))
+        res["raw_read"].append(raw_read(raw[i], record))
         stop.clear()
         w = ctx.Process(target=writer, args=(str(work / "writer"), payload / 2**20, stop, rate))
         w.start()
@@ -217,6 +266,9 @@ def run_ttft(model: str, n: int, samples: int, work: Path, rng) -> dict:
         "ttft": {k: summary(v) for k, v in res.items()},
         "dram_vs_local": round(med["dram"] / med["local"], 3),
         "disk_vs_local": round(med["disk"] / med["local2"], 3),
+        # about the best disk/local this device allows, and what kvtier adds to it
+        "device_floor_vs_local": round((med["local2"] + med["raw_read"]) / med["local2"], 3),
+        "disk_over_floor_ms": round((med["disk"] - med["local2"] - med["raw_read"]) * 1e3, 1),
         "disk_busy_vs_disk": round(med["disk_busy"] / med["disk"], 3),
         "pressure_vs_local": round(med["pressure"] / med["local3"], 3),
         "recompute_vs_dram": round(med["recompute"] / med["dram"], 1),
@@ -320,7 +372,8 @@ def main(argv=None) -> int:
         print(f"{n} tokens, {a.samples} samples each (median [min, max] ms):")
         for k, v in r["ttft"].items():
             print(f"  {k:<10} {v['median_ms']:9.1f}  [{v['min_ms']}, {v['max_ms']}]", flush=True)
-        print(f"  dram/local {r['dram_vs_local']}  disk/local {r['disk_vs_local']}  "
+        print(f"  dram/local {r['dram_vs_local']}  disk/local {r['disk_vs_local']} (the device "
+              f"allows {r['device_floor_vs_local']}; kvtier adds {r['disk_over_floor_ms']} ms)  "
               f"disk busy/idle {r['disk_busy_vs_disk']} (writer {r['writer_GBps_median']} GB/s)"
               f"  pressure/local {r['pressure_vs_local']}  recompute/dram "
               f"{r['recompute_vs_dram']}  recompute/disk {r['recompute_vs_disk']}", flush=True)
