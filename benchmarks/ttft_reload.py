@@ -31,8 +31,10 @@ Engine 3 (DRAM 48 MiB per 4,096 prompt tokens: the issue's DRAM-pressure sequenc
   local3     A_i again (the floor).
 No reuse: plain vLLM and kvtier take turns (alternating who goes first) over
 the same batches of new prompts, each sample a fresh engine in its own
-process; a kvtier batch's time runs until its offload is done (in its own
-window). The last line printed is one JSON object of the figures.
+process running 3 batches in a row (their median is the sample; the spread
+within an engine and across engines are reported: on the 2-core VM engines
+differ far more than batches); a kvtier batch's time runs until its offload
+is done (in its own window). The last line printed is one JSON object of the figures.
 """
 
 from __future__ import annotations
@@ -277,22 +279,28 @@ def run_ttft(model: str, n: int, samples: int, work: Path, rng) -> dict:
     }
 
 
-def _throughput_sample(model: str, max_len: int, extra: dict | None, batch: list[list[int]],
-                       output: int, warm: list[int], out) -> None:
-    """In a process of its own: one engine, warmed up, then one timed batch.
-    A kvtier batch's time runs until its offload is done (the batch's own work)."""
+def _throughput_sample(model: str, max_len: int, extra: dict | None,
+                       batches: list[list[list[int]]], output: int, warm: list[int],
+                       out) -> None:
+    """In a process of its own: one engine, warmed up, then the timed batches one
+    after the other; puts their tokens/s. A kvtier batch's time runs until its
+    offload is done (the batch's own work)."""
     from vllm import SamplingParams
     sp = SamplingParams(max_tokens=output, temperature=0, ignore_eos=True)
     llm = make_llm(model, max_len, extra)
     llm.generate([{"prompt_token_ids": warm}], sp, use_tqdm=False)
     if extra is not None:
         offload_done(llm)
-    t0 = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in batch], sp, use_tqdm=False)
-    if extra is not None:
-        offload_done(llm)
-    secs = time.perf_counter() - t0
-    out.put(sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs) / secs)
+    rates = []
+    for batch in batches:
+        t0 = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in batch], sp, use_tqdm=False)
+        if extra is not None:
+            offload_done(llm)
+        secs = time.perf_counter() - t0
+        rates.append(sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids)
+                         for o in outs) / secs)
+    out.put(rates)
     # Leave at once: the figure is delivered, and an engine's shutdown in a
     # spawned child can hang (seen once); the parent waits for nothing else.
     out.close()
@@ -304,15 +312,19 @@ def _throughput_sample(model: str, max_len: int, extra: dict | None, batch: list
 
 
 def run_throughput(model: str, work: Path, batches: int, prompts: int, tokens: int,
-                   output: int, rng) -> dict:
+                   output: int, rng, per_engine: int = 3) -> dict:
     """Plain vLLM and kvtier take turns over the same batches of new prompts;
     each sample is a fresh engine in a process of its own (two engines alive
-    at once on this 2-core VM disturbed each other: see docs/benchmarks.md)."""
+    at once on this 2-core VM disturbed each other: see docs/benchmarks.md),
+    which runs ``per_engine`` batches in a row: the sample is their median, and
+    the spread within an engine is reported beside the spread across engines."""
     max_len = tokens + output + 64
     ctx = mp.get_context("spawn")
     rates: dict[str, list[float]] = {"vllm": [], "kvtier": []}
+    within: dict[str, list[float]] = {"vllm": [], "kvtier": []}
     for b in range(batches):
-        batch = [[rng.randrange(0, 256) for _ in range(tokens)] for _ in range(prompts)]
+        batch = [[[rng.randrange(0, 256) for _ in range(tokens)] for _ in range(prompts)]
+                 for _ in range(per_engine)]
         warm = [rng.randrange(0, 256) for _ in range(512)]
         configs = {"vllm": None,
                    "kvtier": {"dram_bytes": "1GiB", "disk_path": str(work / f"store-tput-{b}"),
@@ -323,7 +335,9 @@ def run_throughput(model: str, work: Path, batches: int, prompts: int, tokens: i
             proc = ctx.Process(target=_throughput_sample,
                                args=(model, max_len, configs[name], batch, output, warm, q))
             proc.start()
-            rates[name].append(q.get(timeout=1800))
+            got = q.get(timeout=1800)
+            rates[name].append(statistics.median(got))
+            within[name].append(max(got) / min(got))
             proc.join(timeout=120)
             if proc.is_alive():   # its engine's processes would hold the cores
                 proc.kill()
@@ -333,14 +347,22 @@ def run_throughput(model: str, work: Path, batches: int, prompts: int, tokens: i
             "vllm_median": round(statistics.median(rates["vllm"])),
             "kvtier_median": round(statistics.median(rates["kvtier"])),
             "ratio_median": round(statistics.median(ratios), 3),
-            "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3)}
+            "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
+            "batches_per_engine": per_engine,
+            # max/min of an engine's own batches (median over engines), against
+            # max/min of the engines' medians: which noise the ratio carries
+            "spread_within_engine": {k: round(statistics.median(v), 3)
+                                     for k, v in within.items()},
+            "spread_across_engines": {k: round(max(v) / min(v), 3) for k, v in rates.items()}}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt-tokens", default="4096", help="comma-separated, e.g. 4096,16384; empty: the no-reuse throughput only")
     p.add_argument("--samples", type=int, default=7)
-    p.add_argument("--throughput-batches", type=int, default=7)
+    p.add_argument("--throughput-batches", type=int, default=7, help="engines per side")
+    p.add_argument("--throughput-per-engine", type=int, default=3,
+                   help="timed batches in a row per engine")
     p.add_argument("--throughput-prompts", type=int, default=4)
     p.add_argument("--throughput-tokens", type=int, default=2048)
     p.add_argument("--output-tokens", type=int, default=32)
@@ -379,10 +401,12 @@ def main(argv=None) -> int:
               f"{r['recompute_vs_dram']}  recompute/disk {r['recompute_vs_disk']}", flush=True)
     if not a.skip_throughput:
         t = run_throughput(model, work, a.throughput_batches, a.throughput_prompts,
-                           a.throughput_tokens, a.output_tokens, rng)
+                           a.throughput_tokens, a.output_tokens, rng, a.throughput_per_engine)
         out["no_reuse_throughput"] = t
         print(f"no reuse: vLLM {t['vllm_median']} tok/s, kvtier {t['kvtier_median']} tok/s, "
-              f"ratio median {t['ratio_median']} [{t['ratio_min']}, {t['ratio_max']}]")
+              f"ratio median {t['ratio_median']} [{t['ratio_min']}, {t['ratio_max']}]; "
+              f"max/min within an engine {t['spread_within_engine']}, across engines "
+              f"{t['spread_across_engines']}")
     out["stamp"] = st
     print(json.dumps(out))
     return 0
