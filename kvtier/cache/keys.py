@@ -33,6 +33,21 @@ def install_native_hashers(**hashers) -> None:
     _native.update(hashers)
 
 
+def native_keys_agree(chain, group) -> bool:
+    """The native hashers make this module's keys (a module built from older
+    sources would hash otherwise: then it is not used, and says so)."""
+    from kvtier.cache.groups import group_key
+    parent, toks = bytes(range(KEY_BYTES)), list(range(64))
+    want = _chain_keys_hashlib(parent, toks, 32, 2)
+    if chain(parent, toks, 32, 2) == want and group(want, 1) == [group_key(k, 1) for k in want]:
+        return True
+    import logging
+    logging.getLogger(__name__).warning(
+        "kvtier: the native module hashes block keys otherwise than this kvtier (built from "
+        "older sources? rebuild it): keys are hashed in Python")
+    return False
+
+
 def native_hasher(name: str):
     """The installed bulk hasher ``name``, or None (then hashlib is used)."""
     return _native.get(name)
@@ -89,6 +104,11 @@ def chain_keys(parent: bytes, token_ids: Sequence[int], block_size: int,
     native = _native.get("chain_keys")
     if native is not None:   # reads the ids straight from the sequence
         return native(parent, token_ids, block_size, n_full)
+    return _chain_keys_hashlib(parent, token_ids, block_size, n_full)
+
+
+def _chain_keys_hashlib(parent: bytes, token_ids: Sequence[int], block_size: int,
+                        n_full: int) -> list[bytes]:
     toks = _u32_le(token_ids, n_full * block_size)
     step = block_size * 4
     sha256 = hashlib.sha256

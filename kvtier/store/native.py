@@ -20,8 +20,9 @@ except (ImportError, AttributeError):   # not built, or built before csrc/io/io_
     IoEngine = scan_records = None
 else:
     if hasattr(_ext, "chain_keys"):   # built with libcrypto (csrc/cache/key_bindings.cpp)
-        from kvtier.cache.keys import install_native_hashers
-        install_native_hashers(chain_keys=_ext.chain_keys, group_keys=_ext.group_keys)
+        from kvtier.cache.keys import install_native_hashers, native_keys_agree
+        if native_keys_agree(_ext.chain_keys, _ext.group_keys):
+            install_native_hashers(chain_keys=_ext.chain_keys, group_keys=_ext.group_keys)
 
 NATIVE_IO_MODES = ("auto", "threads", "off")
 _FORKED_ENGINES: list = []   # engines inherited through fork(): kept, never joined

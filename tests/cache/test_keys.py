@@ -102,3 +102,23 @@ def test_native_keys_equal_the_hashlib_keys():
             hashlib.sha256(b"kvtier-group\x00" + k + g.to_bytes(2, "little")).digest()[:16]
             for k in want]
     assert groups.group_keys(want, 0) == want
+
+
+def test_a_native_module_that_hashes_otherwise_is_not_used():
+    """A native module built from older sources (another hash) must not mix its
+    keys with this kvtier's: it is checked against hashlib before it is used."""
+    from kvtier.cache.groups import group_key
+    from kvtier.cache.keys import _chain_keys_hashlib, native_keys_agree
+
+    def chain(parent, toks, bs, n):
+        return _chain_keys_hashlib(parent, toks, bs, n)
+
+    def group(keys, g):
+        return [group_key(k, g) for k in keys]
+
+    def old_chain(parent, toks, bs, n):   # e.g. the BLAKE2b keys of before
+        import hashlib
+        return [hashlib.blake2b(k, digest_size=16).digest() for k in chain(parent, toks, bs, n)]
+    assert native_keys_agree(chain, group)
+    assert not native_keys_agree(old_chain, group)
+    assert not native_keys_agree(chain, lambda keys, g: list(keys))
