@@ -154,38 +154,26 @@ class Ledger:
         last-use order; the tier's TTL the shortest): no TTL check per key."""
         ready, staging = State.READY, State.STAGING
         dram, disk = self.dram, self.disk
-        dget, kget = dram._entries.get, (disk._entries.get if disk is not None else None)
-        if dram.all_live(now) and (disk is None or disk.all_live(now)):
-            out = []
-            append = out.append
-            for key in keys:
-                e = dget(key)
-                if e is not None:
-                    b = e.value
-                    if b.state is ready or b.state is staging:
-                        append(b)
-                        continue
-                if kget is not None:
-                    e = kget(key)
-                    if e is not None and e.value.state is ready:
-                        append(e.value)
-                        continue
-                append(None)
-            return out
-        return [self._locate_checked(key, now, dget, kget) for key in keys]
-
-    def _locate_checked(self, key: bytes, now: float, dget, kget) -> Block | None:
-        """``locate_many`` of one key, its entries' TTLs checked (``Tier.live``)."""
-        e = dget(key)
-        if e is not None and self.dram.live_entry(e, now):
-            b = e.value
-            if b.state is State.READY or b.state is State.STAGING:
-                return b
-        if kget is not None:
-            e = kget(key)
-            if e is not None and self.disk.live_entry(e, now) and e.value.state is State.READY:
-                return e.value
-        return None
+        dget, dfresh = dram._entries.get, dram.all_live(now)
+        kget = disk._entries.get if disk is not None else None
+        kfresh = disk is None or disk.all_live(now)
+        out = []
+        append = out.append
+        for key in keys:
+            e = dget(key)
+            if e is not None and (dfresh or dram.live_entry(e, now)):
+                b = e.value
+                if b.state is ready or b.state is staging:
+                    append(b)
+                    continue
+            if kget is not None:
+                e = kget(key)
+                if e is not None and (kfresh or disk.live_entry(e, now)) \
+                        and e.value.state is ready:
+                    append(e.value)
+                    continue
+            append(None)
+        return out
 
     def servable(self, key: bytes, now: float) -> str | None:
         """The tier ``locate`` would load ``key`` from, or None."""

@@ -176,7 +176,12 @@ def test_locate_many_serves_what_the_per_key_ttl_check_serves():
                 (L.unpin_dram if tier == "dram" else L.unpin_disk)(b)
         now += wait
         keys = [k(i) for i in range(8)]
-        dget, kget = L.dram._entries.get, L.disk._entries.get
-        assert L.locate_many(keys, now) == [L._locate_checked(key, now, dget, kget)
-                                            for key in keys]
+
+        def checked(key):   # Tier.live per key and tier: the TTL checked every time
+            e = L.dram.live(key, now)
+            if e is not None and e.value.state in (State.READY, State.STAGING):
+                return e.value
+            e = L.disk.live(key, now)
+            return e.value if e is not None and e.value.state is State.READY else None
+        assert L.locate_many(keys, now) == [checked(key) for key in keys]
     run()
