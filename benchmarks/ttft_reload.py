@@ -40,10 +40,12 @@ is done (in its own window). The last line printed is one JSON object of the fig
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import multiprocessing as mp
 import os
 import random
+import shutil
 import statistics
 import tempfile
 import threading
@@ -380,6 +382,7 @@ def main(argv=None) -> int:
     # vLLM that way). One reservation for every engine (ignored on GPU).
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
     work = Path(tempfile.mkdtemp(prefix="kvtier-ttft-"))
+    atexit.register(shutil.rmtree, work, True)   # its stores hold GBs of records
     # positions for the longest prompt (RoPE: no weights change)
     model = str(write_model(work / "model", dataclasses.replace(
         BENCH_LLAMA, max_position_embeddings=max([8192] + [n + 64 for n in lengths]))))
