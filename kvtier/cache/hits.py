@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 
 from kvtier.cache.cost import LoadCostModel
 from kvtier.cache.groups import KVGroup
-from kvtier.cache.ledger import NO_SLOT, Block, Ledger, State
+from kvtier.cache.ledger import Block, Ledger, State
 
 DRAM, DISK, REMOTE = "dram", "disk", "remote"
 UNSEEN = False   # a (block, group) not looked up yet (found: its Block; missing: None)
@@ -34,7 +34,7 @@ class Hit(NamedTuple):
     @property
     def ledger_tier(self) -> str:
         """The tier ``entry`` belongs to."""
-        return DRAM if self.entry.slot != NO_SLOT else DISK
+        return self.entry.tier
 
     @property
     def record(self) -> bool:
@@ -120,7 +120,7 @@ class HitSearch:
                 w = where[g.index]
                 for i in g.needed(start, end):
                     entry = w[i]
-                    if entry.slot == NO_SLOT:
+                    if entry.tier == DISK:
                         t = REMOTE if entry.remote else DISK
                     else:   # a DRAM block; STAGING: the load joins a read in flight
                         t = DISK if entry.state is State.STAGING else DRAM

@@ -15,11 +15,14 @@ from __future__ import annotations
 import array
 import hashlib
 import json
+import logging
 import sys
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # Bulk hashers of the same keys from the native module (OpenSSL's libcrypto:
 # csrc/cache/key_bindings.cpp), "chain_keys" and "group_keys", when it has them.
@@ -41,8 +44,7 @@ def native_keys_agree(chain, group) -> bool:
     want = _chain_keys_hashlib(parent, toks, 32, 2)
     if chain(parent, toks, 32, 2) == want and group(want, 1) == [group_key(k, 1) for k in want]:
         return True
-    import logging
-    logging.getLogger(__name__).warning(
+    log.warning(
         "kvtier: the native module hashes block keys otherwise than this kvtier (built from "
         "older sources? rebuild it): keys are hashed in Python")
     return False

@@ -77,6 +77,11 @@ class Block:
     remote: bool = False           # disk: adopted from the cluster tier, not read here yet
 
     @property
+    def tier(self) -> str:
+        """"dram" (it owns a slot) or "disk"."""
+        return "dram" if self.slot != NO_SLOT else "disk"
+
+    @property
     def pins(self) -> int:
         """Readers, plus one while a fill (store, stage, write) is in flight."""
         return self.entry.pins
@@ -145,7 +150,7 @@ class Ledger:
         block = self.locate_many((key,), now)[0]
         if block is None:
             return None
-        return ("dram" if block.slot != NO_SLOT else "disk"), block
+        return block.tier, block
 
     def locate_many(self, keys, now: float) -> list[Block | None]:
         """The block ``locate`` finds for each key (its tier: a DRAM block owns a
@@ -161,14 +166,14 @@ class Ledger:
         append = out.append
         for key in keys:
             e = dget(key)
-            if e is not None and (dfresh or dram.live_entry(e, now)):
+            if e is not None and (dfresh or not dram.expired(e, now)):
                 b = e.value
                 if b.state is ready or b.state is staging:
                     append(b)
                     continue
             if kget is not None:
                 e = kget(key)
-                if e is not None and (kfresh or disk.live_entry(e, now)) \
+                if e is not None and (kfresh or not disk.expired(e, now)) \
                         and e.value.state is ready:
                     append(e.value)
                     continue

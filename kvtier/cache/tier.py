@@ -103,11 +103,7 @@ class Tier:
         """The entry for ``key`` unless absent or expired; changes nothing (the
         hot path of lookups: expired entries go in ``get``/``expire``)."""
         entry = self._entries.get(key)
-        return entry if entry is not None and self.live_entry(entry, now) else None
-
-    def live_entry(self, entry: Entry, now: float) -> bool:
-        """``entry`` (of this tier) is not expired at ``now``."""
-        return entry.pins > 0 or now - entry.last_use < self.ttl or now - entry.last_use < entry.ttl
+        return entry if entry is not None and not self.expired(entry, now) else None
 
     def all_live(self, now: float) -> bool:
         """No entry is expired at ``now``: the least recently used one was used

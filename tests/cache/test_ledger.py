@@ -144,7 +144,6 @@ def test_the_disk_budget_changes_at_run_time():
     assert b is not None and victim is None         # room again: no eviction
 
 
-
 def test_locate_many_serves_what_the_per_key_ttl_check_serves():
     """``locate_many`` skips the per-key TTL check when a tier's least recently
     used entry is live: it must answer exactly what checking every key answers,
