@@ -17,6 +17,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvtier.vllm.watchdog import HANG_MARK
+
 CONNECTOR = {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.connector",
              "kv_role": "kv_both"}
 
@@ -160,8 +162,19 @@ class Server:
         except urllib.error.HTTPError as e:   # say why: the server's answer and its log
             body = e.read().decode(errors="replace")[:2000]
             raise RuntimeError(f"HTTP {e.code} from {self.url}/v1/completions: {body}\n"
-                               f"server log ({self.log_path}), last lines:\n"
+                               f"{self.hang_dump()}server log ({self.log_path}), last lines:\n"
                                f"{self.log_tail(80)}") from e
+
+    def hang_dump(self, n: int = 150) -> str:
+        """The stacks kvtier's step watchdog dumped into the log (kvtier.vllm.watchdog),
+        if it did: where a hung engine was stuck."""
+        if not self.log_path or not Path(self.log_path).exists():
+            return ""
+        lines = Path(self.log_path).read_text(errors="replace").splitlines()
+        at = [i for i, line in enumerate(lines) if HANG_MARK in line]
+        if not at:
+            return ""
+        return "the engine's step watchdog dumped:\n" + "\n".join(lines[at[-1]:at[-1] + n]) + "\n"
 
     def metrics(self) -> str:
         with urllib.request.urlopen(self.url + "/metrics", timeout=30) as r:

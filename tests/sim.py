@@ -323,7 +323,8 @@ class MiniEngine:
             self.drain()
         outputs = []
         for r, w in enumerate(self.workers):
-            out = (w.transfer_results(so.finished_req_ids), w.take_invalid_blocks(),
+            out = (w.transfer_results(so.finished_req_ids, idle_step=meta.idle_step),
+                   w.take_invalid_blocks(),
                    w.take_worker_meta())
             self._held.setdefault(r, []).append(out)
             if r not in self.hold_back:

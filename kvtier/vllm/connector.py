@@ -29,6 +29,7 @@ from kvtier.vllm.namespace import namespace_of
 from kvtier.vllm.metadata import KVTierMetadata
 from kvtier.vllm.metrics import KVTierPromMetrics, KVTierStats
 from kvtier.store.slots import SlotGeometry
+from kvtier.vllm.watchdog import StepWatchdog, limit_from_env
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -98,6 +99,7 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
 
             self.worker = KVTierWorker(self.cfg, ns.digest(), get_tensor_model_parallel_rank(),
                                        ns.tp_size, geometry)
+            self.watchdog = StepWatchdog(limit_from_env())
         log.info("kvtier %s: %s, %d DRAM slots of %d B, disk %s (%.1f GiB), ttl %.0f s",
                  role.name.lower(), ns, geometry.num_slots, geometry.slot_bytes,
                  self.cfg.disk_path if self.cfg.disk_enabled else "off",
@@ -108,6 +110,16 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
         self.worker.register_kv_caches(kv_caches, self._kv_cache_config.num_blocks,
                                        self.namespace.layout,
                                        [g.layer_names for g in self.groups])
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self.worker is not None:   # before the step's forward
+            self.watchdog.begin()
+
+    def clear_connector_metadata(self) -> None:
+        super().clear_connector_metadata()
+        if self.worker is not None:   # the step's hooks are done
+            self.watchdog.end()
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         if self.worker is not None and isinstance(kv_connector_metadata, KVTierMetadata):
@@ -134,7 +146,9 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
         return self.worker.get_finished(finished_req_ids)
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
-        sending, recving, failed = self.worker.transfer_results(finished_req_ids)
+        meta = self._get_connector_metadata()
+        sending, recving, failed = self.worker.transfer_results(
+            finished_req_ids, idle_step=isinstance(meta, KVTierMetadata) and meta.idle_step)
         return KVConnectorTransferResults(finished_sending=sending, finished_recving=recving,
                                           failed_recving=failed)
 
@@ -146,6 +160,7 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
 
     def shutdown(self) -> None:
         if self.worker is not None:
+            self.watchdog.close()
             self.worker.shutdown()
 
     # --------------------------------------------------------- scheduler side

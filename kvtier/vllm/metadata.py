@@ -83,6 +83,10 @@ class KVTierMetadata(KVConnectorMetadata):
     # Finished requests whose blocks vLLM keeps until this worker reports them
     # in finished_sending (their store copies may still read them).
     await_sending: set[str] = field(default_factory=set)
+    # The step computes nothing: vLLM steps only to collect transfer results. The
+    # worker then waits (GIL released) for one of its copies, reads or writes to
+    # end, up to a few ms, instead of returning at once (kvtier.vllm.worker).
+    idle_step: bool = False
 
 
 def _add(a: dict, b: dict) -> dict:

@@ -588,7 +588,8 @@ class KVTierScheduler:
             self._pending_hits.clear()
             meta = KVTierMetadata(loads=self._new_loads,
                                   flush_gathers=bool(so.preempted_req_ids) or self._flush_next,
-                                  await_sending=self._await_sending)
+                                  await_sending=self._await_sending,
+                                  idle_step=so.total_num_scheduled_tokens == 0)
             self._new_loads = []
             self._await_sending = set()
             self._flush_next = False

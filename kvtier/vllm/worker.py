@@ -95,6 +95,9 @@ READ_DELAY_S = _env_float("KVTIER_FAULT_READ_DELAY_S")
 READ_ERROR_RATE = _env_float("KVTIER_FAULT_READ_ERROR_RATE")
 SCRAMBLE = os.environ.get("KVTIER_FAULT_SCRAMBLE") == "1"
 
+# An idle step (nothing computed) waits this long at most for a transfer to end.
+IDLE_STEP_WAIT_S = 0.005
+
 # A wave's reads go in up to this many chunks (at least 2 x io_threads records
 # each): each chunk is scattered while the next ones are still being read.
 READ_CHUNKS = 8
@@ -152,7 +155,7 @@ class KVTierWorker:
         self._req_copies: dict[str, int] = {}   # req -> gathers and loads not yet done
         self._awaiting: set[str] = set()        # finished reqs to report in finished_sending
         self._queued_gathers = 0
-        self._gathers_idle = threading.Condition(self._lock)
+        self._ended = threading.Condition(self._lock)   # a copy, read or write ended
         self._pending_writes = 0
         self._pending_puts = 0
         self._disk_backoff_until = 0.0
@@ -252,11 +255,24 @@ class KVTierWorker:
         sending, recving, _ = self.transfer_results(finished_req_ids)
         return sending or None, recving or None
 
-    def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
+    def transfer_results(self, finished_req_ids: set[str], idle_step: bool = False
+                         ) -> tuple[set[str], set[str], set[str]]:
         """Requests whose pages kvtier no longer reads (finished sending), whose
         loads are done (finished receiving), and those of them that failed as a
-        whole (a hybrid model's failed loads: see _end_wave); taken at once."""
+        whole (a hybrid model's failed loads: see _end_wave); taken at once.
+
+        ``idle_step``: the step computed nothing (vLLM steps only to collect
+        results). Then, while something is in flight and nothing is ready to
+        report, wait up to IDLE_STEP_WAIT_S for something to end. Returning at
+        once made vLLM step again at once: its worker's main thread spun between
+        empty steps, releasing the GIL only for an instant each time, and the
+        copy, read and write threads could wait minutes for the GIL (seen: a
+        write holding a shared store's lock starved, the store's other engines
+        blocked on that lock, and the spinning engine slowed a second engine on
+        the same cores until vLLM's 300 s step timeout killed it)."""
         with self._lock:
+            if idle_step and self._in_flight():
+                self._ended.wait_for(self._reportable, IDLE_STEP_WAIT_S)
             sending = {r for r in self._awaiting if not self._req_copies.get(r)}
             self._awaiting -= sending
             recving, self._finished_loads = self._finished_loads, set()
@@ -272,6 +288,14 @@ class KVTierWorker:
                                     len(load.joined), len(load.failed))
         return sending, recving, failed
 
+    def _in_flight(self) -> bool:
+        return bool(self._req_copies or self._queued_gathers or self._pending_writes
+                    or self._pending_puts)
+
+    def _reportable(self) -> bool:
+        return bool(self._finished_loads or not self._out.empty()
+                    or any(not self._req_copies.get(r) for r in self._awaiting))
+
     def take_invalid_blocks(self) -> set[int]:
         with self._lock:
             out, self._invalid_blocks = self._invalid_blocks, set()
@@ -285,13 +309,12 @@ class KVTierWorker:
     def idle(self) -> bool:
         """No copy, read or write in flight (tests)."""
         with self._lock:
-            return not (self._req_copies or self._queued_gathers or self._pending_writes
-                        or self._pending_puts or self._filling)
+            return not (self._in_flight() or self._filling)
 
     def flush_gathers(self) -> None:
         """Block until every queued GPU->DRAM copy is done (GPU blocks may be freed)."""
-        with self._gathers_idle:
-            self._gathers_idle.wait_for(lambda: self._queued_gathers == 0)
+        with self._ended:
+            self._ended.wait_for(lambda: self._queued_gathers == 0)
 
     def shutdown(self) -> None:
         """Finish queued copies and disk writes (promised durable), then stop."""
@@ -344,7 +367,7 @@ class KVTierWorker:
             log.exception("kvtier: gather failed; dropping %d blocks", len(copies))
             ok = False
         writes = [it for it in job.items if it.to_disk]
-        with self._gathers_idle:
+        with self._ended:
             self._queued_gathers -= 1
             self._copy_done(job.req_id)
             if ok:
@@ -361,7 +384,7 @@ class KVTierWorker:
                     or time.monotonic() < self._disk_backoff_until)
             if not skip:
                 self._pending_writes += len(writes)
-            self._gathers_idle.notify_all()
+            self._ended.notify_all()
         for it in writes:
             if skip:   # the scheduler waits for every rank's write answer
                 self._write_skipped(it, "backpressure" if ok and self.store is not None
@@ -381,6 +404,7 @@ class KVTierWorker:
             self._count(self._out.write_failed, it.key)
             if reason:
                 self._count(self._out.fail_reasons, reason)
+            self._ended.notify_all()
 
     def _write(self, it: StoreItem) -> None:
         rec = self.pool.slot(it.slot)
@@ -416,6 +440,7 @@ class KVTierWorker:
         with self._lock:
             self._pending_writes -= 1
             self._count(self._out.written if ok else self._out.write_failed, it.key)
+            self._ended.notify_all()
 
     # -- loads ---------------------------------------------------------------
     def _start_load(self, job: LoadJob, fence) -> None:
@@ -597,6 +622,7 @@ class KVTierWorker:
             put = "error"
         with self._lock:
             self._pending_puts -= 1
+            self._ended.notify_all()
             if put == "ok":
                 self._out.remote_stored += 1
             elif put == "error":
@@ -694,6 +720,7 @@ class KVTierWorker:
             self._finished_loads.add(load.job.req_id)
             self._copy_done(load.job.req_id)
             del self._loads[id(load)]
+            self._ended.notify_all()
 
 
 def by_group(items):

@@ -495,3 +495,38 @@ def test_a_preempted_request_stores_nothing_from_its_freed_pages(tmp_path, told)
     e.drain()
     assert len(e.sched.ledger.disk) == 0 and not e.sched.has_pending_work()
     e.check()
+
+
+def test_an_idle_step_waits_for_a_write_instead_of_spinning(tmp_path, monkeypatch):
+    """A step that computes nothing (vLLM steps only to collect results) waits,
+    GIL released, for an in-flight write to end and returns with its answer; a
+    step that computed returns at once. Returning at once let vLLM's empty steps
+    spin the worker's main thread and starve the writer of the GIL (CI: a write
+    holding a shared store's lock stalled for minutes)."""
+    import kvtier.vllm.worker as worker_mod
+    monkeypatch.setattr(worker_mod, "IDLE_STEP_WAIT_S", 5.0)   # a window no VM misses
+    e = MiniEngine(tmp_path, tp=1)
+    (w,) = e.workers
+    gate = threading.Event()
+    inner = w.store.write
+    w.store.write = lambda *a, inner=inner, **kw: (gate.wait(60), inner(*a, **kw))[1]
+    e.add("r", list(range(7000, 7000 + 4 * BS)) + [1])
+    e.step(drain=False)
+    deadline = time.monotonic() + 30
+    while not w._pending_writes:   # the gather done, its writes queued behind the gate
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    w.transfer_results(set(), idle_step=False)   # a step that computed: at once
+    meta = w.take_worker_meta()
+    assert meta is None or not meta.written
+    timer = threading.Timer(0.3, gate.set)
+    timer.start()
+    t0 = time.monotonic()
+    w.transfer_results(set(), idle_step=True)
+    waited = time.monotonic() - t0
+    meta = w.take_worker_meta()
+    assert meta is not None and meta.written, "the idle step returned before the write ended"
+    assert 0.2 < waited < 4.0, waited   # until the write ended, not the whole window
+    timer.join()
+    e.settle()
+    e.check()
