@@ -165,16 +165,20 @@ class Server:
                                f"{self.hang_dump()}server log ({self.log_path}), last lines:\n"
                                f"{self.log_tail(80)}") from e
 
-    def hang_dump(self, n: int = 150) -> str:
+    def hang_dump(self) -> str:
         """The stacks kvtier's step watchdog dumped into the log (kvtier.vllm.watchdog),
-        if it did: where a hung engine was stuck."""
+        if it did: where a hung engine was stuck (the whole dump, every thread)."""
         if not self.log_path or not Path(self.log_path).exists():
             return ""
         lines = Path(self.log_path).read_text(errors="replace").splitlines()
         at = [i for i, line in enumerate(lines) if HANG_MARK in line]
         if not at:
             return ""
-        return "the engine's step watchdog dumped:\n" + "\n".join(lines[at[-1]:at[-1] + n]) + "\n"
+        end = at[-1] + 1
+        while end < len(lines) and (not lines[end].strip() or lines[end].startswith(
+                ("Thread 0x", "Current thread 0x", "  File ", "  <"))):
+            end += 1
+        return "the engine's step watchdog dumped:\n" + "\n".join(lines[at[-1]:end]) + "\n"
 
     def metrics(self) -> str:
         with urllib.request.urlopen(self.url + "/metrics", timeout=30) as r:

@@ -123,6 +123,7 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         if self.worker is not None and isinstance(kv_connector_metadata, KVTierMetadata):
+            self.watchdog.begin()   # the step's first hook (flush_gathers may wait)
             self.worker.handle_preemptions(kv_connector_metadata)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
@@ -143,12 +144,14 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
         self.worker.submit_stores(meta)   # queues copies; never waits for them
 
     def get_finished(self, finished_req_ids: set[str]):
+        self.watchdog.end()
         return self.worker.get_finished(finished_req_ids)
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
-        meta = self._get_connector_metadata()
+        meta = self._connector_metadata   # bound during a step (None outside one)
         sending, recving, failed = self.worker.transfer_results(
             finished_req_ids, idle_step=isinstance(meta, KVTierMetadata) and meta.idle_step)
+        self.watchdog.end()   # also where vLLM defers clearing the metadata
         return KVConnectorTransferResults(finished_sending=sending, finished_recving=recving,
                                           failed_recving=failed)
 

@@ -2,9 +2,10 @@
 
 vLLM kills an engine whose step runs past VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS
 (300 s) with "EngineCore encountered an issue", which says nothing about where
-the worker was stuck. The worker connector marks each step's start (vLLM binds
-the step's connector metadata before the forward) and end (it clears it after
-the transfer results); a daemon thread that finds a step running longer than
+the worker was stuck. The worker connector marks each step's start (vLLM hands
+it the step's metadata before the forward: handle_preemptions, then
+bind_connector_metadata) and end (the step's transfer results are taken, or the
+metadata cleared); a daemon thread that finds a step running longer than
 ``KVTIER_HANG_DUMP_S`` (default 120 s; 0: off) logs that once and dumps every
 Python thread's stack to stderr (faulthandler), before vLLM's timeout ends it.
 
@@ -20,7 +21,7 @@ import sys
 import threading
 import time
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("vllm.kvtier.watchdog")
 
 DEFAULT_LIMIT_S = 120.0
 HANG_MARK = "kvtier: an engine step has run"   # the log line (kvtier.serving finds it)
@@ -71,6 +72,9 @@ class StepWatchdog:
                 self._dumped = step
                 log.error("%s %.0f s (a hang?); the stack of every thread of this "
                           "worker follows", HANG_MARK, ran)
-                out = self.out or sys.stderr
-                out.flush()
-                faulthandler.dump_traceback(file=out, all_threads=True)
+                try:
+                    out = self.out or sys.stderr
+                    out.flush()
+                    faulthandler.dump_traceback(file=out, all_threads=True)
+                except Exception as e:   # (no file descriptor): the thread lives on
+                    log.error("kvtier: dumping the stacks failed: %s", e)

@@ -560,6 +560,7 @@ class KVTierWorker:
                     self._count(self._out.staged if reason is None else self._out.stage_failed,
                                 it.key)
                 waiters += self._filling.pop(it.slot, [])
+            self._ended.notify_all()   # staged / stage_failed to report
         with load.lock:
             load.read_end = max(load.read_end, done)
         for wake in waiters:

@@ -43,6 +43,7 @@ def test_a_step_that_ends_in_time_dumps_nothing(tmp_path, caplog):
             time.sleep(0.1)
             dog.end()
         time.sleep(1.0)   # then an idle engine (no step): nothing either
+        assert dog._thread.is_alive()   # still watching (a dead watchdog dumps nothing)
     finally:
         dog.close()
     out.seek(0)
@@ -51,10 +52,12 @@ def test_a_step_that_ends_in_time_dumps_nothing(tmp_path, caplog):
 
 def test_the_harness_quotes_the_dump(tmp_path):
     log = tmp_path / "server.log"
-    log.write_text("start\n" + f"ERROR {HANG_MARK} 130 s (a hang?)\n"
-                   + 'Thread 0x1 (most recent call first):\n  File "w.py", line 3 in f\n'
-                   + "later\n" * 200)
+    threads = "".join(f'Thread 0x{t:x} (most recent call first):\n  File "w{t}.py", line 3 '
+                      f'in f\n\n' for t in range(60))   # a worker has many threads
+    log.write_text("start\n" + f"ERROR {HANG_MARK} 130 s (a hang?)\n" + threads
+                   + "INFO later\n" * 200)
     s = Server("m", log_path=str(log))
     got = s.hang_dump()
-    assert got.startswith("the engine's step watchdog dumped:") and 'File "w.py"' in got
+    assert got.startswith("the engine's step watchdog dumped:")
+    assert 'File "w0.py"' in got and 'File "w59.py"' in got and "later" not in got
     assert Server("m", log_path=str(tmp_path / "none.log")).hang_dump() == ""
