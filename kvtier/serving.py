@@ -121,10 +121,13 @@ class Server:
         self.stop()
         raise TimeoutError(f"vLLM server not healthy after {self.startup_timeout:.0f} s")
 
-    def log_tail(self, n: int = 40) -> str:
+    def _log_lines(self) -> list[str]:
         if not self.log_path or not Path(self.log_path).exists():
-            return ""
-        return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
+            return []
+        return Path(self.log_path).read_text(errors="replace").splitlines()
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self._log_lines()[-n:])
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 60.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -168,9 +171,7 @@ class Server:
     def hang_dump(self) -> str:
         """The stacks kvtier's step watchdog dumped into the log (kvtier.vllm.watchdog),
         if it did: where a hung engine was stuck (the whole dump, every thread)."""
-        if not self.log_path or not Path(self.log_path).exists():
-            return ""
-        lines = Path(self.log_path).read_text(errors="replace").splitlines()
+        lines = self._log_lines()
         at = [i for i, line in enumerate(lines) if HANG_MARK in line]
         if not at:
             return ""
