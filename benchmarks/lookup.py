@@ -39,13 +39,14 @@ def main(argv=None) -> int:
     from vllm.sampling_params import SamplingParams
     from vllm.utils.gc_utils import freeze_gc_heap
     from vllm.utils.hashing import sha256
-    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.core.kv_cache_utils import BlockHash, get_request_block_hasher, init_none_hash
     from vllm.v1.request import Request
 
     from kvtier.config import KVTierConfig
     from kvtier.cache.groups import KVGroup, group_key
     from kvtier.cache.keys import KeyChain, root_key
-    from kvtier.vllm.scheduler import KVTierScheduler
+    from kvtier.vllm.scheduler import KEY_MEMO_ENTRIES, KVTierScheduler
     from kvtier.store.slots import SlotGeometry
 
     bs, ns = 32, bytes(16)
@@ -62,6 +63,13 @@ def main(argv=None) -> int:
         for g in ((0, 1) if i % 2 else (0,)):   # every other window record missing
             b = sched.ledger.begin_store(group_key(keys[i], g), sched.clock())
             sched.ledger.end_store(b, True)
+    # The memo at its bound, as in a server that has seen many prefixes: the old
+    # generation full, the young one 4 cold lookups short of ageing.
+    memo = sched._key_memo
+    for lo, hi in ((0, memo.half), (memo.half, 2 * memo.half - 4 * n)):
+        memo.remember([i.to_bytes(32, "little") for i in range(lo, hi)],
+                      [i.to_bytes(16, "little") for i in range(lo, hi)])
+    assert len(memo) == KEY_MEMO_ENTRIES - 4 * n, len(memo)
     # As in vLLM's engine core after start-up: its heap frozen out of the collector
     # (the tier filled above is the long-lived state a lookup runs beside).
     freeze_gc_heap()
@@ -69,8 +77,8 @@ def main(argv=None) -> int:
     times: dict[str, list[float]] = {"cold": [], "warm": [], "repeat": []}
     for s in range(a.samples):
         for kind in ("cold", "warm"):
-            if kind == "cold":
-                sched._key_memo.clear()
+            if kind == "cold":   # vLLM hashes the prompt from another root: unseen
+                kv_cache_utils.NONE_HASH = BlockHash(sha256(f"cold{s}"))
             req = Request(f"{kind}{s}", tokens, sp, None, block_hasher=hasher)
             t0 = time.perf_counter()
             got = sched.get_num_new_matched_tokens(req, 0)

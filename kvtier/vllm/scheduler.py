@@ -37,7 +37,7 @@ from kvtier.config import KVTierConfig
 from kvtier.cache.groups import FULL, NULL_BLOCK, KVGroup, group_key, group_keys
 from kvtier.cache.admission import DiskAdmission
 from kvtier.cache.cost import LoadCostModel
-from kvtier.cache.keys import KeyChain, root_key
+from kvtier.cache.keys import KeyChain, KeyMemo, root_key
 from kvtier.cache.hits import DISK, DRAM, REMOTE, Hit, HitSearch
 from kvtier.cache.ledger import Block, Ledger, State
 from kvtier.cache.retention import Retention, retention_of
@@ -64,12 +64,6 @@ KEY_MEMO_ENTRIES = 1 << 18     # vLLM block hash -> kvtier key, for prefixes see
 # writes in flight) waits for one, in order: a prefix is only as useful as its
 # first missing block. A finished request's pages are held for that at most:
 STORE_WAIT_S = 2.0
-
-
-def _trim(memo: dict) -> None:
-    """Forget a key memo's oldest entries beyond ``KEY_MEMO_ENTRIES``."""
-    while len(memo) > KEY_MEMO_ENTRIES:
-        del memo[next(iter(memo))]
 
 
 def file_touch_interval(ttl: float) -> float:
@@ -232,8 +226,8 @@ class KVTierScheduler:
         # that hash is collision-resistant (sha256: memo_keys), a block vLLM hashed
         # the same as one seen before has the same kvtier key: the chain of a
         # resent prefix is looked up, not hashed again (a 128K-token prompt: 4,096
-        # SHA-256 calls). Bounded; oldest first out.
-        self._key_memo: dict[bytes, bytes] | None = {} if memo_keys else None
+        # SHA-256 calls). Bounded: a prefix not used for a while is forgotten.
+        self._key_memo = KeyMemo(KEY_MEMO_ENTRIES) if memo_keys else None
         # KV events for routers (vLLM's --kv-events-config): a block's vLLM hash
         # rides on its ledger block; its arrivals and departures become events.
         self.ledger.track = events
@@ -337,13 +331,11 @@ class KVTierScheduler:
         hashes = getattr(st.request, "block_hashes", None)
         if memo is None or not hashes or len(hashes) < n:
             return chain.extend(ids, n)
-        if memo.get(hashes[have]) is not None:   # else a cold prefix: no memo lookups
-            found = list(map(memo.get, hashes[have:n]))
-            chain.keys += found[:found.index(None)] if None in found else found
+        if memo.knows(hashes[have]):   # else a cold prefix: no memo lookups
+            chain.keys += memo.leading(hashes[have:n])
         known = len(chain.keys)
         chain.extend(ids, n)
-        memo.update(zip(hashes[known:n], chain.keys[known:n]))
-        _trim(memo)
+        memo.remember(hashes[known:n], chain.keys[known:n])
         return chain.keys
 
     def _unpin_hits(self, pending: PendingHit | None, keep=lambda hit: False) -> None:

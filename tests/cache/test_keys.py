@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from kvtier.cache.keys import KeyChain, Namespace, chain_keys, root_key
+from kvtier.cache.keys import KeyChain, KeyMemo, Namespace, chain_keys, root_key
 
 NS = Namespace(model="m", kv_dtype="bfloat16", layout="LBHNC", block_size=4, tp_size=1)
 
@@ -122,3 +122,41 @@ def test_a_native_module_that_hashes_otherwise_is_not_used():
     assert native_keys_agree(chain, group)
     assert not native_keys_agree(old_chain, group)
     assert not native_keys_agree(chain, lambda keys, g: list(keys))
+
+
+def _h(i: int) -> bytes:
+    return i.to_bytes(32, "little")
+
+
+def _k(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+def test_key_memo_is_bounded_and_knows_the_recent_entries():
+    memo = KeyMemo(1000)
+    for lo in range(0, 10_000, 100):   # 100 prompts of 100 blocks
+        memo.remember([_h(i) for i in range(lo, lo + 100)], [_k(i) for i in range(lo, lo + 100)])
+        assert len(memo) <= 1000
+    assert memo.leading([_h(i) for i in range(9_500, 10_000)]) == \
+        [_k(i) for i in range(9_500, 10_000)]
+    assert not memo.knows(_h(0)) and memo.leading([_h(0), _h(9_999)]) == []
+
+
+def test_key_memo_keeps_a_prefix_in_use():
+    """A system prompt resent between many new prompts stays known (an entry
+    found in the old generation moves to the young one)."""
+    memo = KeyMemo(1000)
+    hot = [_h(10**6 + i) for i in range(50)]
+    memo.remember(hot, [_k(i) for i in range(50)])
+    for lo in range(0, 20_000, 100):
+        memo.remember([_h(i) for i in range(lo, lo + 100)], [_k(i) for i in range(lo, lo + 100)])
+        assert memo.leading(hot) == [_k(i) for i in range(50)], lo
+
+
+def test_key_memo_gives_the_leading_run_only():
+    memo = KeyMemo(8)
+    memo.remember([_h(1), _h(3)], [_k(1), _k(3)])
+    memo.remember([_h(2)], [_k(2)])
+    assert memo.leading([_h(1), _h(2), _h(4), _h(3)]) == [_k(1), _k(2)]
+    memo.clear()
+    assert len(memo) == 0 and memo.leading([_h(1)]) == []
