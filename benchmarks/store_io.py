@@ -234,7 +234,6 @@ def bench_size(name: str, payload: int, args, fio, engine, fio_why) -> dict:
     if store_mod._IoEngine is not None:
         s = DiskStore(root / "threads", NS, 0, 1, io_threads=args.threads, native_io="threads")
         cases.append(StoreCase(f"native ({s.io_backend}, batch)", s, True, args.threads))
-        native_default = cases[-1].label
         s = DiskStore(root / "reuse", NS, 0, 1, io_threads=args.threads, native_io="threads",
                       free_files=n)
         cases.append(StoreCase(f"native_reuse ({s.io_backend}, batch, full store)", s,

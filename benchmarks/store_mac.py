@@ -26,7 +26,6 @@ shows the CPU-bound case. Prints a table; the last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import hmac
 import json
 import os

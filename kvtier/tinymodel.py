@@ -84,8 +84,6 @@ def _write_tokenizer(path: Path) -> None:
 
     byte_chars = pre_tokenizers.ByteLevel.alphabet()
     # Stable order: the byte-level alphabet sorted by the byte it stands for.
-    from tokenizers.pre_tokenizers import ByteLevel  # noqa: F401
-
     vocab = {ch: i for i, ch in enumerate(sorted(byte_chars, key=_byte_of))}
     for i, tok in enumerate(("<s>", "</s>", "<pad>")):
         vocab[tok] = 256 + i

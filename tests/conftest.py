@@ -76,7 +76,6 @@ def _close_mini_engines():
     """A test's MiniEngines (tests/sim.py) stop with it: no copy threads or pools left
     running into later tests, nothing of the native engines alive at exit."""
     yield
-    import sys
     sim = sys.modules.get("tests.sim")
     if sim is not None:
         sim.close_engines()

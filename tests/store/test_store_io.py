@@ -13,7 +13,6 @@ import mmap
 import os
 import stat
 import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
