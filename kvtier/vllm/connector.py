@@ -91,7 +91,9 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
             self.scheduler = KVTierScheduler(
                 self.cfg, ns.digest(), ns.tp_size, ns.block_size, geometry, groups=self.groups,
                 memo_keys=algo.startswith("sha256"),
-                events=bool(kv_events and kv_events.enable_kv_cache_events))
+                events=bool(kv_events and kv_events.enable_kv_cache_events),
+                hash_block_size=getattr(kv_cache_config, "hash_block_size", None)
+                or getattr(vllm_config.cache_config, "prefix_match_unit", None))
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 

@@ -146,7 +146,10 @@ class KVTierScheduler:
     def __init__(self, cfg: KVTierConfig, namespace: bytes, tp_size: int, block_size: int,
                  geometry: SlotGeometry, clock: Callable[[], float] = time.time,
                  groups: tuple[KVGroup, ...] = FULL, start_sweeper: bool = True,
-                 memo_keys: bool = False, events: bool = False):
+                 memo_keys: bool = False, events: bool = False,
+                 hash_block_size: int | None = None):
+        """``hash_block_size``: the tokens per vLLM block hash (its
+        ``prefix_match_unit``; default: ``block_size``)."""
         self.cfg = cfg
         self.groups = groups
         self.full_groups = [g for g in groups if not g.windowed]
@@ -155,6 +158,11 @@ class KVTierScheduler:
         self.namespace = namespace
         self.tp_size = tp_size
         self.block_size = block_size
+        # Block i's vLLM hash is request.block_hashes[(i + 1) * stride - 1] (vLLM's
+        # hashes chain, so the last one inside a block names the block's prefix);
+        # 0: vLLM hashes at a size that does not divide kvtier's blocks (unused).
+        hbs = hash_block_size or block_size
+        self._hash_stride = block_size // hbs if block_size % hbs == 0 else 0
         self.geometry = geometry
         self.clock = clock
         self.stats = StatsRecorder()
@@ -244,7 +252,7 @@ class KVTierScheduler:
         block hash), or None when events are off or vLLM has not hashed it."""
         if not self.ledger.track:
             return None
-        hashes = getattr(st.request, "block_hashes", None) or ()
+        hashes = self._block_hashes(st.request) or ()
         if i >= len(hashes):
             return None
         bs = self.block_size
@@ -317,6 +325,14 @@ class KVTierScheduler:
             self._reqs[request.request_id] = st
         return st
 
+    def _block_hashes(self, request: "Request"):
+        """vLLM's hash of each of the request's kvtier blocks (None: unusable)."""
+        hashes = getattr(request, "block_hashes", None)
+        stride = self._hash_stride
+        if not hashes or stride == 1:
+            return hashes
+        return hashes[stride - 1::stride] if stride else None
+
     def _keys(self, st: ReqState, n: int) -> list[bytes]:
         """The keys of the request's first ``n`` blocks (memoized by vLLM's hashes)."""
         chain, memo = st.chain, self._key_memo
@@ -328,7 +344,7 @@ class KVTierScheduler:
         ids = getattr(st.request, "prompt_token_ids", None)
         if ids is None or len(ids) < n * self.block_size:
             ids = st.request.all_token_ids
-        hashes = getattr(st.request, "block_hashes", None)
+        hashes = self._block_hashes(st.request) if memo is not None else None
         if memo is None or not hashes or len(hashes) < n:
             return chain.extend(ids, n)
         if memo.knows(hashes[have]):   # else a cold prefix: no memo lookups

@@ -11,7 +11,7 @@ from kvtier.store.tool import cmd_verify
 from kvtier.tinymodel import TinyLlama, write_model
 from tests.conftest import needs_vllm
 from tests.helpers import BLOCKS_PER_PROMPT, FULL_BLOCK_TOKENS, RECORD_BYTES, records
-from tests.e2e.test_e2e_connector import run_bytecheck
+from tests.e2e.test_e2e_connector import run_bytecheck, run_rounds
 
 pytestmark = [pytest.mark.e2e, needs_vllm]
 
@@ -71,3 +71,19 @@ def test_sliding_window_model_survives_read_faults(hybrid_model_dir, tmp_path, m
     assert again and all(r["output"] == first[r["prompt"]]["output"] for r in again)
     # The faults hit: some request was recomputed rather than served whole.
     assert any(r["cached"] < 0.95 * FULL_BLOCK_TOKENS for r in again), again
+
+
+def test_a_finer_prefix_match_unit_never_maps_a_half_block_to_a_whole_one(hybrid_model_dir,
+                                                                          tmp_path):
+    """vLLM hashes every ``prefix_match_unit`` tokens (16 here: finer than the
+    32-token blocks). Block i's vLLM hash is then the (2i+1)-th, not the i-th:
+    six prompts that share only their first 16 tokens must not take prompt 0's
+    first block from kvtier (taken by the i-th hash, it did: wrong KV)."""
+    res = run_rounds(hybrid_model_dir, tmp_path / "out.json", {
+        "gpu_blocks": 100, "shared_head": 16, "llm": {"prefix_match_unit": 16},
+        "extra": {"dram_bytes": 60 * RECORD_BYTES, "disk_path": str(tmp_path / "store")}})
+    first = [r for r in res if r["round"] == 0]
+    assert [r["cached"] for r in first] == [0] * 6
+    again = [r for r in res if r["round"] == 1]
+    assert all(r["cached"] >= 0.95 * FULL_BLOCK_TOKENS for r in again), again
+    assert [r["output"] for r in again] == [r["output"] for r in first]

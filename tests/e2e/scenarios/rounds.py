@@ -30,6 +30,8 @@ def main():
     rng = random.Random(opts.get("seed", 0))
     n, length = opts.get("prompts", 6), opts.get("length", 750)
     prompts = [[rng.randrange(0, 256) for _ in range(length)] for _ in range(n)]
+    head = opts.get("shared_head", 0)   # every prompt starts with prompt 0's first tokens
+    prompts = [prompts[0][:head] + p[head:] for p in prompts]
     sp = SamplingParams(max_tokens=opts.get("max_tokens", 8), temperature=0, logprobs=3,
                         prompt_logprobs=1, skip_reading_prefix_cache=False,
                         detokenize=False)
