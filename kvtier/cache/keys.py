@@ -77,11 +77,11 @@ class Namespace:
 
 
 def root_key(namespace_digest: bytes, cache_salt: str | None = None,
-             lora_name: str | None = None) -> bytes:
+             lora: str | None = None) -> bytes:
     """Parent of a request's first block: the namespace, its salt and LoRA."""
     h = hashlib.blake2b(digest_size=KEY_BYTES, person=b"kvtier-root")
     h.update(namespace_digest)
-    for part in (cache_salt, lora_name):
+    for part in (cache_salt, lora):
         data = b"" if part is None else part.encode()
         h.update(len(data).to_bytes(4, "little") + (b"\x01" if part is not None else b"\x00"))
         h.update(data)

@@ -11,7 +11,8 @@ quantization method and load format; rope parameters and ``hf_overrides``;
 the KV layout, block size, TP size and context-parallel sizes; the KV cache
 group structure of hybrid models; the record format version.
 
-The weights fingerprint hashes ``config.json`` and, for each weight file, its
+The weights fingerprint hashes ``config.json`` (a LoRA adapter's
+``adapter_config.json``) and, for each weight file, its
 name, size, safetensors header (tensor names, dtypes, shapes, offsets) and 16
 4-KiB samples spread over the file: a checkpoint replaced under the same path
 (a new fine-tune, other shards) gets another fingerprint, at the cost of a few
@@ -74,14 +75,23 @@ def weights_fingerprint(model: str, revision: str | None = None) -> str:
                     "its weights are not fingerprinted (pin --revision)", model)
         return ""
     h = hashlib.blake2b(digest_size=16, person=b"kvtier-weights")
-    config = root / "config.json"
-    if config.is_file():
-        h.update(config.read_bytes())
+    configs = [c for c in (root / "config.json", root / "adapter_config.json") if c.is_file()]
+    for config in configs:   # config.json alone as before (the same fingerprints)
+        h.update(config.read_bytes() if config.name == "config.json"
+                 else b"adapter_config.json\n" + config.read_bytes())
     files = sorted(p for p in root.iterdir()
                    if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     for p in files:
         _file_digest(h, p)
-    return h.hexdigest() if files or config.is_file() else ""
+    return h.hexdigest() if files or configs else ""
+
+
+def adapter_identity(name: str, path: str) -> str:
+    """What names a LoRA adapter's KV in the keys: its name, its path and the
+    fingerprint of its files (vLLM's own hash takes the name and path; kvtier's
+    records outlive the process, so an adapter replaced under the same path
+    between restarts must not reuse them)."""
+    return f"{name}\0{path}\0{weights_fingerprint(path) if path else ''}"
 
 
 def _rope(hf_config) -> str:

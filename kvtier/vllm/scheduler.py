@@ -44,6 +44,7 @@ from kvtier.cache.retention import Retention, retention_of
 from kvtier.vllm.metadata import (FROM_SLOT, NO_SLOT, READ, STREAM, WRITE_ONLY, KVTierMetadata,
                                   KVTierWorkerMeta, LoadItem, LoadJob, StoreItem, StoreJob)
 from kvtier.vllm.metrics import CHECKSUM_REASONS, StatsRecorder
+from kvtier.vllm.namespace import adapter_identity
 from kvtier.store.slots import SlotGeometry
 from kvtier.store.disk import DiskStore, store_options
 from kvtier.store.remote import RemoteStore
@@ -236,6 +237,7 @@ class KVTierScheduler:
         # resent prefix is looked up, not hashed again (a 128K-token prompt: 4,096
         # SHA-256 calls). Bounded: a prefix not used for a while is forgotten.
         self._key_memo = KeyMemo(KEY_MEMO_ENTRIES) if memo_keys else None
+        self._adapters: dict[tuple[str, str], str] = {}   # LoRA (name, path) -> key part
         # KV events for routers (vLLM's --kv-events-config): a block's vLLM hash
         # rides on its ledger block; its arrivals and departures become events.
         self.ledger.track = events
@@ -311,9 +313,8 @@ class KVTierScheduler:
             if getattr(request, "mm_features", None) or getattr(request, "prompt_embeds",
                                                                  None) is not None:
                 return None   # KV depends on more than token ids: never cache
-            lora = request.lora_request.lora_name if request.lora_request else None
             salt = getattr(request, "cache_salt", None)
-            root = root_key(self.namespace, salt, lora)
+            root = root_key(self.namespace, salt, self._adapter(request.lora_request))
             retention = retention_of(getattr(request, "kv_transfer_params", None),
                                      self.cfg.ttl_seconds, self.cfg.max_ttl_seconds)
             if retention.error:
@@ -324,6 +325,17 @@ class KVTierScheduler:
                           tenant=salt or "")
             self._reqs[request.request_id] = st
         return st
+
+    def _adapter(self, lora) -> str | None:
+        """A LoRA adapter's part of the root key: its name, path and files'
+        fingerprint, read once per adapter in this process."""
+        if lora is None:
+            return None
+        ident = self._adapters.get((lora.lora_name, lora.lora_path))
+        if ident is None:
+            ident = adapter_identity(lora.lora_name, lora.lora_path)
+            self._adapters[(lora.lora_name, lora.lora_path)] = ident
+        return ident
 
     def _block_hashes(self, request: "Request"):
         """vLLM's hash of each of the request's kvtier blocks (None: unusable)."""

@@ -47,7 +47,7 @@ def test_namespace_salt_and_lora_separate_keys():
     base = chain_keys(root_key(NS.digest()), toks, 4)
     others = [
         chain_keys(root_key(NS.digest(), cache_salt="tenant-b"), toks, 4),
-        chain_keys(root_key(NS.digest(), lora_name="adapter"), toks, 4),
+        chain_keys(root_key(NS.digest(), lora="adapter"), toks, 4),
         chain_keys(root_key(Namespace("m", "fp8", "LBHNC", 4).digest()), toks, 4),
         chain_keys(root_key(Namespace("m", "bfloat16", "LBNHC", 4).digest()), toks, 4),
         chain_keys(root_key(Namespace("m", "bfloat16", "LBHNC", 4, tp_size=2).digest()),
