@@ -46,6 +46,8 @@ DRAM when there is no disk tier.
 from __future__ import annotations
 
 import enum
+import heapq
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -126,6 +128,10 @@ class Ledger:
         self.kept_bytes = 0.0
         self._kept: dict[bytes, tuple[str, Entry]] = {}   # key -> (tenant, entry) kept
         self._kept_by_tenant: dict[str, float] = {}
+        # When kept entries may end: (keep_until when pushed, seq, key, entry), one
+        # per kept entry (a longer keep is found at its pop and pushed again).
+        self._keep_ends: list[tuple[float, int, bytes, Entry]] = []
+        self._keep_seq = itertools.count()
         # Blocks that became READY in a tier, and blocks that left a tier's index,
         # since the last take_changes(): (tier, block). Off unless ``track = True``.
         self.track = False
@@ -518,6 +524,7 @@ class Ledger:
         entry.keep_until = until
         if held is None:
             self._kept[key] = (tenant, entry)
+            heapq.heappush(self._keep_ends, (until, next(self._keep_seq), key, entry))
             self.kept_bytes += need
             self._kept_by_tenant[tenant] = self._kept_by_tenant.get(tenant, 0) + need
         return True
@@ -534,10 +541,18 @@ class Ledger:
             del self._kept_by_tenant[tenant]
 
     def _expire_keeps(self, now: float) -> None:
-        """Keeps whose time is over stop counting (their blocks stay, in LRU order)."""
-        for key, (_, entry) in list(self._kept.items()):
+        """Keeps whose time is over stop counting (their blocks stay, in LRU order).
+        Costs what ends (a heap), not what is kept: keep() runs per block used."""
+        ends = self._keep_ends
+        while ends and ends[0][0] <= now:
+            _, _, key, entry = heapq.heappop(ends)
+            held = self._kept.get(key)
+            if held is None or held[1] is not entry:
+                continue   # unkept already (its block left the tier)
             if entry.keep_until <= now:
                 self._unkeep(key, entry)
+            else:          # kept longer since: ends later
+                heapq.heappush(ends, (entry.keep_until, next(self._keep_seq), key, entry))
 
     def kept_by_tenant(self, now: float) -> dict[str, float]:
         self._expire_keeps(now)

@@ -111,3 +111,26 @@ def test_a_pin_over_budget_is_refused_and_the_request_served(tmp_path):
     assert r["pinned"] is False and r["pin_refused_blocks"] == 2 and r["stored_tokens"] == 4 * BS
     assert e.sched.stats.counter("kvtier_pins_refused_total") == 2
     e.check()
+
+
+def test_a_keep_ends_at_its_latest_time_and_belongs_to_its_block():
+    """Keeps end when their (extended) time is over; a block dropped while kept
+    and written again carries its own keep, not the dropped block's end."""
+    L = Ledger(num_slots=8, disk_bytes=10 * REC, record_size=REC, max_kept_bytes=10 * REC)
+    blocks = {}
+    for i in range(3):
+        w, _ = L.begin_write(k(i), 0)
+        L.end_write(w, True)
+        blocks[i] = w
+    for i in range(3):
+        assert L.keep(k(i), 100, "a", 0)
+    assert L.keep(k(1), 300, "a", 50)                   # extended
+    L.drop_disk(blocks[2])                              # kept, then gone...
+    L.removed(k(2))
+    w, _ = L.begin_write(k(2), 60)                      # ...and written again
+    L.end_write(w, True)
+    assert L.keep(k(2), 400, "a", 60)
+    assert L.kept_by_tenant(150) == {"a": 2 * REC}      # k(1) until 300, the new k(2) 400
+    assert L.kept_by_tenant(350) == {"a": REC}
+    assert L.kept_by_tenant(450) == {}
+    L.check()
