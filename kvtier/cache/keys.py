@@ -150,13 +150,15 @@ class KeyMemo:
     """Another hash of the same blocks (vLLM's, collision-resistant) -> their
     kvtier keys, so a resent prefix is looked up instead of hashed again.
 
-    Bounded by ``size`` entries in two generations: new entries go to the young
-    one; when it holds ``size // 2`` it becomes the old one and the old one is
-    dropped whole. An entry found in the old generation moves to the young one,
-    so a prefix in use stays. Every call costs what its own entries cost - a
-    dict trimmed one oldest entry at a time does not: CPython's iteration from
-    the start skips the deleted slots, so a full memo cost ~26 ms per 4K-token
-    lookup, quadratic in the entries trimmed between resizes."""
+    Bounded by ``size`` entries (a prompt longer than half of it: by its blocks)
+    in two generations: new entries go to the young one; when it is full the old
+    one is dropped whole and the young one becomes the old one. An entry found
+    in the old generation moves to the young one, so a prefix in use stays.
+    A call costs what its own entries cost, and once in ``size // 2`` new
+    entries the drop of a generation. (A dict trimmed one oldest entry at a time
+    does not: CPython's iteration from the start skips the deleted slots, so a
+    full memo cost ~26 ms per 4K-token lookup, quadratic in the entries trimmed
+    between resizes.)"""
 
     __slots__ = ("half", "_young", "_old")
 
@@ -176,23 +178,21 @@ class KeyMemo:
 
     def leading(self, hashes: Sequence[bytes]) -> list[bytes]:
         """The keys of the leading run of ``hashes`` this memo knows."""
-        young, oget = self._young, self._old.get
-        found = list(map(young.get, hashes))
+        found = list(map(self._young.get, hashes))
         if None in found:
+            oget = self._old.get
             for i, key in enumerate(found):
                 if key is None:
                     key = oget(hashes[i])
                     if key is None:
                         del found[i:]
                         break
-                    found[i] = young[hashes[i]] = key   # in use: kept
-            self._age()
+                    found[i] = key
+            promoted = [h for h, k in zip(hashes, found) if h not in self._young]
+            self.remember(promoted, [self._old[h] for h in promoted])   # in use: kept
         return found
 
     def remember(self, hashes: Sequence[bytes], keys: Sequence[bytes]) -> None:
-        self._young.update(zip(hashes, keys))
-        self._age()
-
-    def _age(self) -> None:
-        if len(self._young) >= self.half:
+        if len(self._young) + len(hashes) > self.half:
             self._old, self._young = self._young, {}
+        self._young.update(zip(hashes, keys))

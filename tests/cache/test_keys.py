@@ -134,11 +134,11 @@ def _k(i: int) -> bytes:
 
 def test_key_memo_is_bounded_and_knows_the_recent_entries():
     memo = KeyMemo(1000)
-    for lo in range(0, 10_000, 100):   # 100 prompts of 100 blocks
-        memo.remember([_h(i) for i in range(lo, lo + 100)], [_k(i) for i in range(lo, lo + 100)])
+    for lo in range(0, 10_010, 70):   # 143 prompts of 70 blocks
+        memo.remember([_h(i) for i in range(lo, lo + 70)], [_k(i) for i in range(lo, lo + 70)])
         assert len(memo) <= 1000
-    assert memo.leading([_h(i) for i in range(9_500, 10_000)]) == \
-        [_k(i) for i in range(9_500, 10_000)]
+    assert memo.leading([_h(i) for i in range(9_510, 10_010)]) == \
+        [_k(i) for i in range(9_510, 10_010)]
     assert not memo.knows(_h(0)) and memo.leading([_h(0), _h(9_999)]) == []
 
 
