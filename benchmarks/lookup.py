@@ -64,7 +64,7 @@ def main(argv=None) -> int:
             b = sched.ledger.begin_store(group_key(keys[i], g), sched.clock())
             sched.ledger.end_store(b, True)
     # The memo at its bound, as in a server that has seen many prefixes: the old
-    # generation full, the young one 4 cold lookups short of ageing.
+    # generation full, the young one 4 cold lookups from full (the 5th ages it).
     memo = sched._key_memo
     for lo, hi in ((0, memo.half), (memo.half, 2 * memo.half - 4 * n)):
         memo.remember([i.to_bytes(32, "little") for i in range(lo, hi)],
