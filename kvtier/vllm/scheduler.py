@@ -159,11 +159,10 @@ class KVTierScheduler:
         self.namespace = namespace
         self.tp_size = tp_size
         self.block_size = block_size
-        # Block i's vLLM hash is request.block_hashes[(i + 1) * stride - 1] (vLLM's
-        # hashes chain, so the last one inside a block names the block's prefix);
-        # 0: vLLM hashes at a size that does not divide kvtier's blocks (unused).
+        # vLLM hashes every hash_block_size tokens; 0: at a size that does not
+        # divide kvtier's blocks (its hashes are not used).
         hbs = hash_block_size or block_size
-        self._hash_stride = block_size // hbs if block_size % hbs == 0 else 0
+        self._hash_block_size = hbs if block_size % hbs == 0 else 0
         self.geometry = geometry
         self.clock = clock
         self.stats = StatsRecorder()
@@ -338,12 +337,17 @@ class KVTierScheduler:
         return ident
 
     def _block_hashes(self, request: "Request"):
-        """vLLM's hash of each of the request's kvtier blocks (None: unusable)."""
+        """vLLM's hash of each of the request's kvtier blocks (None: unusable).
+        Hashed finer than the block, block i's is the last one inside it (vLLM's
+        hashes chain): vLLM's own view of them at a coarser block, indexed lazily."""
         hashes = getattr(request, "block_hashes", None)
-        stride = self._hash_stride
-        if not hashes or stride == 1:
+        hbs = self._hash_block_size
+        if not hashes or hbs == self.block_size:
             return hashes
-        return hashes[stride - 1::stride] if stride else None
+        if not hbs:
+            return None
+        from vllm.v1.core.kv_cache_utils import BlockHashListWithBlockSize
+        return BlockHashListWithBlockSize(hashes, hbs, self.block_size)
 
     def _keys(self, st: ReqState, n: int) -> list[bytes]:
         """The keys of the request's first ``n`` blocks (memoized by vLLM's hashes)."""

@@ -273,7 +273,7 @@ class KVTierWorker:
         with self._lock:
             if idle_step and self._in_flight():
                 self._ended.wait_for(self._reportable, IDLE_STEP_WAIT_S)
-            sending = {r for r in self._awaiting if not self._req_copies.get(r)}
+            sending = self._done_sending()
             self._awaiting -= sending
             recving, self._finished_loads = self._finished_loads, set()
             failed, self._failed_loads = self._failed_loads, set()
@@ -292,9 +292,12 @@ class KVTierWorker:
         return bool(self._req_copies or self._queued_gathers or self._pending_writes
                     or self._pending_puts)
 
+    def _done_sending(self) -> set[str]:
+        """Finished requests whose pages no copy reads any more."""
+        return {r for r in self._awaiting if not self._req_copies.get(r)}
+
     def _reportable(self) -> bool:
-        return bool(self._finished_loads or not self._out.empty()
-                    or any(not self._req_copies.get(r) for r in self._awaiting))
+        return bool(self._finished_loads or not self._out.empty() or self._done_sending())
 
     def take_invalid_blocks(self) -> set[int]:
         with self._lock:
