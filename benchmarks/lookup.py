@@ -45,8 +45,8 @@ def main(argv=None) -> int:
 
     from kvtier.config import KVTierConfig
     from kvtier.cache.groups import KVGroup, group_key
-    from kvtier.cache.keys import KeyChain, root_key
-    from kvtier.vllm.scheduler import KEY_MEMO_ENTRIES, KVTierScheduler
+    from kvtier.cache.keys import KeyChain, KeyMemo, root_key
+    from kvtier.vllm.scheduler import KEY_MEMO_BLOCKS, KVTierScheduler
     from kvtier.store.slots import SlotGeometry
 
     bs, ns = 32, bytes(16)
@@ -65,11 +65,12 @@ def main(argv=None) -> int:
             sched.ledger.end_store(b, True)
     # The memo at its bound, as in a server that has seen many prefixes: the old
     # generation full, the young one 4 cold lookups from full (the 5th ages it).
-    memo = sched._key_memo
-    for lo, hi in ((0, memo.half), (memo.half, 2 * memo.half - 4 * n)):
-        memo.remember([i.to_bytes(32, "little") for i in range(lo, hi)],
-                      [i.to_bytes(16, "little") for i in range(lo, hi)])
-    assert len(memo) == KEY_MEMO_ENTRIES - 4 * n, len(memo)
+    memo, seg = sched._key_memo, KeyMemo.SEGMENT
+    for lo, hi in ((0, memo.half), (memo.half, 2 * memo.half - 4 * (n // seg))):
+        memo.remember(bytes(16), [i.to_bytes(32, "little") for i in range(lo * seg, hi * seg)],
+                      [i.to_bytes(16, "little") for i in range(lo * seg, hi * seg)],
+                      0, (hi - lo) * seg)
+    assert len(memo) == KEY_MEMO_BLOCKS - 4 * n, len(memo)
     # As in vLLM's engine core after start-up: its heap frozen out of the collector
     # (the tier filled above is the long-lived state a lookup runs beside).
     freeze_gc_heap()

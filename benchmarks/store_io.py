@@ -230,7 +230,6 @@ def bench_size(name: str, payload: int, args, fio, engine, fio_why) -> dict:
     root = Path(args.dir) / name
     shutil.rmtree(root, ignore_errors=True)
     cases = []
-    native_default = None
     if store_mod._IoEngine is not None:
         s = DiskStore(root / "threads", NS, 0, 1, io_threads=args.threads, native_io="threads")
         cases.append(StoreCase(f"native ({s.io_backend}, batch)", s, True, args.threads))

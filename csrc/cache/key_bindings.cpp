@@ -75,9 +75,32 @@ nb::list key_list(const std::string& out) {
   for (size_t i = 0; i < n; ++i) {
     PyObject* b = PyBytes_FromStringAndSize(out.data() + i * kKey, kKey);
     if (!b) throw nb::python_error();
+    PyObject_Hash(b);   // cached in the object: every key is looked up in a dict
     PyList_SET_ITEM(keys, static_cast<Py_ssize_t>(i), b);
   }
   return owned;
+}
+
+// A token id that is an exact int of one internal digit (below 2^30: every
+// vocabulary) read straight from the object, as CPython's own fast paths do; a
+// third of a 128K-token prompt's key hashing went to PyLong_AsUnsignedLong
+// calls. Anything else (a subclass, a bigger or negative int, not an int): false,
+// and the caller converts it the general way (and reports what is wrong).
+inline bool small_id(PyObject* o, unsigned long* v) {
+  if (!PyLong_CheckExact(o)) return false;
+#if PY_VERSION_HEX >= 0x030C0000
+  if (!PyUnstable_Long_IsCompact(reinterpret_cast<PyLongObject*>(o))) return false;
+  Py_ssize_t x = PyUnstable_Long_CompactValue(reinterpret_cast<PyLongObject*>(o));
+  if (x < 0) return false;
+  *v = static_cast<unsigned long>(x);
+  return true;
+#else
+  Py_ssize_t size = Py_SIZE(o);
+  if (size == 0) { *v = 0; return true; }
+  if (size != 1) return false;
+  *v = reinterpret_cast<PyLongObject*>(o)->ob_digit[0];
+  return true;
+#endif
 }
 
 // The first n token ids of a Python sequence (a list: no copy) as little-endian
@@ -92,9 +115,12 @@ std::string u32_le(nb::handle token_ids, size_t n) {
   std::string out(n * 4, '\0');
   auto* dst = reinterpret_cast<uint8_t*>(out.data());
   for (size_t i = 0; i < n; ++i) {
-    unsigned long v = PyLong_AsUnsignedLong(items[i]);
-    if (v == static_cast<unsigned long>(-1) && PyErr_Occurred()) throw nb::python_error();
-    if (v > 0xffffffffUL) throw std::overflow_error("token id does not fit in 32 bits");
+    unsigned long v;
+    if (!small_id(items[i], &v)) {
+      v = PyLong_AsUnsignedLong(items[i]);
+      if (v == static_cast<unsigned long>(-1) && PyErr_Occurred()) throw nb::python_error();
+      if (v > 0xffffffffUL) throw std::overflow_error("token id does not fit in 32 bits");
+    }
     dst[4 * i] = static_cast<uint8_t>(v);
     dst[4 * i + 1] = static_cast<uint8_t>(v >> 8);
     dst[4 * i + 2] = static_cast<uint8_t>(v >> 16);

@@ -18,7 +18,7 @@ from kvtier.cache.groups import KVGroup
 from kvtier.cache.ledger import Block, Ledger, State
 
 DRAM, DISK, REMOTE = "dram", "disk", "remote"
-UNSEEN = False   # a (block, group) not looked up yet (found: its Block; missing: None)
+ONES = b"\x01"
 MISSED_PROBES_PER_LOOKUP = 4   # shared-store file checks that found nothing, per lookup
 
 
@@ -73,7 +73,8 @@ class HitSearch:
         slower than recomputing is not used (``_slow_tier``). Each (block, group)
         is looked up at most twice: linear in the prompt's length. ``keys_of(g, n)``:
         the record keys of group ``g``'s first ``n`` (or more) blocks."""
-        where = {g.index: [UNSEEN] * limit for g in self.groups}
+        where = {g.index: [None] * limit for g in self.groups}   # found: its Block
+        seen = {g.index: bytearray(limit) for g in self.groups}     # 1: looked up
         probes = [MISSED_PROBES_PER_LOOKUP]
         adopted: list[Block] = []   # from the cluster tier: forgotten unless in the hit
         locate_many = self.ledger.locate_many
@@ -82,8 +83,8 @@ class HitSearch:
             """Where blocks ``[lo, hi)`` of group ``g`` load from (None: missing);
             a range with any block not yet seen is looked up whole (the same answer
             for the ones seen)."""
-            w = where[g.index]
-            if UNSEEN in w[lo:hi]:
+            w, s = where[g.index], seen[g.index]
+            if s.find(0, lo, hi) >= 0:
                 keys = keys_of(g.index, hi)[lo:hi]
                 found = locate_many(keys, now)
                 if self.probe is not None:
@@ -95,6 +96,7 @@ class HitSearch:
                             found[j] = block
                             adopted.append(block)
                 w[lo:hi] = found
+                s[lo:hi] = ONES * (hi - lo)
             return w
 
         end = start
@@ -103,7 +105,7 @@ class HitSearch:
             while end < limit:
                 hi = min(limit, end + step)
                 seg = look(g, end, hi)[end:hi]
-                if None in seg:
+                if not all(seg):
                     end += seg.index(None)
                     break
                 end, step = hi, 2 * step

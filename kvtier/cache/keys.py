@@ -147,52 +147,85 @@ class KeyChain:
 
 
 class KeyMemo:
-    """Another hash of the same blocks (vLLM's, collision-resistant) -> their
-    kvtier keys, so a resent prefix is looked up instead of hashed again.
+    """Another hash of the same blocks (vLLM's: collision-resistant, and chained,
+    so a block's hash names its whole prefix) -> their kvtier keys, so a resent
+    prefix is looked up instead of hashed again.
 
-    Bounded by ``size`` entries (a prompt longer than half of it: by its blocks)
-    in two generations: new entries go to the young one; when it is full the old
-    one is dropped whole and the young one becomes the old one. An entry found
-    in the old generation moves to the young one, so a prefix in use stays.
-    A call costs what its own entries cost, and once in ``size // 2`` new
-    entries the drop of a generation. (A dict trimmed one oldest entry at a time
-    does not: CPython's iteration from the start skips the deleted slots, so a
-    full memo cost ~26 ms per 4K-token lookup, quadratic in the entries trimmed
-    between resizes.)"""
+    Kept in segments of ``SEGMENT`` blocks: segment j (blocks ``[S*j, S*j+S)``)
+    under the hash of its last block, with the kvtier root its keys chain from
+    (a hash that covers less than the root - a LoRA adapter's path - never gives
+    another root's keys). A 4,096-block prompt costs 256 dict operations, not
+    4,096 (each a likely cache miss in a table this size: ~0.5 ms more per cold
+    lookup). A prompt's blocks after its last whole segment are hashed again.
 
+    Bounded by ``size`` blocks in two generations: new segments go to the young
+    one; when it is full the old one is dropped whole and the young one becomes
+    the old one. A segment found in the old generation moves to the young one,
+    so a prefix in use stays. (A dict trimmed one oldest entry at a time would
+    not do: CPython's iteration from the start skips the deleted slots, which
+    made a full memo cost ~26 ms per 4K-token lookup.)"""
+
+    SEGMENT = 16
     __slots__ = ("half", "_young", "_old")
 
     def __init__(self, size: int):
-        self.half = max(1, size // 2)
-        self._young: dict[bytes, bytes] = {}
-        self._old: dict[bytes, bytes] = {}
+        self.half = max(1, size // (2 * self.SEGMENT))   # segments per generation
+        # vLLM's hash of a segment's last block -> (root, keys, i): its keys are
+        # keys[i:i + SEGMENT]
+        self._young: dict[bytes, tuple[bytes, tuple[bytes, ...], int]] = {}
+        self._old: dict[bytes, tuple[bytes, tuple[bytes, ...], int]] = {}
 
     def __len__(self) -> int:
-        return len(self._young) + len(self._old)
+        """Blocks remembered."""
+        return self.SEGMENT * (len(self._young) + len(self._old))
 
     def clear(self) -> None:
         self._young, self._old = {}, {}
 
-    def knows(self, h: bytes) -> bool:
-        return h in self._young or h in self._old
+    def leading(self, root: bytes, hashes: Sequence[bytes], lo: int, n: int) -> list[bytes]:
+        """The keys of blocks ``[lo, k)`` of a prompt whose blocks' hashes are
+        ``hashes`` and whose keys chain from ``root``: the largest ``k <= n`` such
+        that every segment from the one holding block ``lo`` to block ``k`` is
+        known."""
+        S = self.SEGMENT
+        yget, old = self._young.get, self._old
+        out: list[bytes] = []
+        j = lo // S
+        while (j + 1) * S <= n:
+            h = hashes[(j + 1) * S - 1]
+            seg = yget(h)
+            if seg is None:
+                seg = old.pop(h, None)
+                if seg is None:
+                    break
+                seg = (seg[0], seg[1][seg[2]:seg[2] + S], 0)   # its own keys only
+                self._put(h, seg)   # in use: kept
+            seg_root, keys, at = seg
+            if seg_root != root:
+                break
+            out += keys[at:at + S]
+            j += 1
+        return out[lo - (lo // S) * S:]
 
-    def leading(self, hashes: Sequence[bytes]) -> list[bytes]:
-        """The keys of the leading run of ``hashes`` this memo knows."""
-        found = list(map(self._young.get, hashes))
-        if None in found:
-            oget = self._old.get
-            for i, key in enumerate(found):
-                if key is None:
-                    key = oget(hashes[i])
-                    if key is None:
-                        del found[i:]
-                        break
-                    found[i] = key
-            promoted = [h for h, k in zip(hashes, found) if h not in self._young]
-            self.remember(promoted, [self._old[h] for h in promoted])   # in use: kept
-        return found
+    def remember(self, root: bytes, hashes: Sequence[bytes], keys: Sequence[bytes],
+                 lo: int, n: int) -> None:
+        """Remember the whole segments of blocks ``[0, n)`` that end at or after
+        block ``lo`` (``keys``: the keys of blocks ``[0, n)`` at least). They
+        share one copy of the keys: a segment moved to the young generation takes
+        its own, so what the memo holds stays within its bound."""
+        S = self.SEGMENT
+        first, end = lo // S, n // S
+        if end <= first:
+            return
+        young = self._young
+        shared = tuple(keys[first * S:end * S])
+        for j in range(first, end):
+            h = hashes[(j + 1) * S - 1]
+            seg = young.get(h)
+            if seg is None or seg[0] != root:
+                self._put(h, (root, shared, (j - first) * S))
 
-    def remember(self, hashes: Sequence[bytes], keys: Sequence[bytes]) -> None:
-        if len(self._young) + len(hashes) > self.half:
+    def _put(self, h: bytes, seg: tuple) -> None:
+        if len(self._young) >= self.half:
             self._old, self._young = self._young, {}
-        self._young.update(zip(hashes, keys))
+        self._young[h] = seg

@@ -136,6 +136,11 @@ class Ledger:
         # since the last take_changes(): (tier, block). Off unless ``track = True``.
         self.track = False
         self._changes: list[tuple[bool, str, Block]] = []
+        # What a load can read, by key: DRAM blocks READY or STAGING, disk blocks
+        # READY (each in its tier's index). Kept by the transitions below, checked
+        # by check(): a lookup of thousands of keys maps them in bulk.
+        self._servable_dram: dict[bytes, Block] = {}
+        self._servable_disk: dict[bytes, Block] = {}
         self.stats = LedgerStats()
 
     # ----------------------------------------------------------------- queries
@@ -160,31 +165,21 @@ class Ledger:
 
     def locate_many(self, keys, now: float) -> list[Block | None]:
         """The block ``locate`` finds for each key (its tier: a DRAM block owns a
-        slot), the hot path of every lookup (a few per block). When a tier's
-        least recently used entry is live, all of its entries are (LRU order is
-        last-use order; the tier's TTL the shortest): no TTL check per key."""
-        ready, staging = State.READY, State.STAGING
+        slot), the hot path of every lookup (a few per block): the servable
+        blocks' index mapped over the keys. When a tier's least recently used
+        entry is live, all of its entries are (LRU order is last-use order; the
+        tier's TTL the shortest): no TTL check per key."""
         dram, disk = self.dram, self.disk
-        dget, dfresh = dram._entries.get, dram.all_live(now)
-        kget = disk._entries.get if disk is not None else None
-        kfresh = disk is None or disk.all_live(now)
-        out = []
-        append = out.append
-        for key in keys:
-            e = dget(key)
-            if e is not None and (dfresh or not dram.expired(e, now)):
-                b = e.value
-                if b.state is ready or b.state is staging:
-                    append(b)
-                    continue
-            if kget is not None:
-                e = kget(key)
-                if e is not None and (kfresh or not disk.expired(e, now)) \
-                        and e.value.state is ready:
-                    append(e.value)
-                    continue
-            append(None)
-        return out
+        found = list(map(self._servable_dram.get, keys))
+        if not dram.all_live(now):
+            expired = dram.expired
+            found = [b if b is None or not expired(b.entry, now) else None for b in found]
+        if disk is not None and None in found:
+            kget, kfresh, expired = self._servable_disk.get, disk.all_live(now), disk.expired
+            found = [b if b is not None else d if (d := kget(k)) is None or kfresh
+                     or not expired(d.entry, now) else None
+                     for b, k in zip(found, keys)]
+        return found
 
     def servable(self, key: bytes, now: float) -> str | None:
         """The tier ``locate`` would load ``key`` from, or None."""
@@ -234,6 +229,7 @@ class Ledger:
     def _dram_evicted(self, key, entry: Entry, cause: str) -> None:
         # Only unpinned READY blocks are evicted (fills hold a pin).
         self._unkeep(key, entry)
+        self._unservable(self._servable_dram, entry.value)
         self._changed(False, "dram", entry.value)
         self._give_slot(entry.value.slot)
 
@@ -244,6 +240,8 @@ class Ledger:
         if entry is None:
             return None
         entry.value = Block(key, state, entry, slot=self._take_slot())
+        if state is State.STAGING:   # a load may join the read in flight
+            self._servable_dram[key] = entry.value
         return entry.value
 
     def begin_store(self, key: bytes, now: float, ttl: float = 0.0) -> Block | None:
@@ -265,6 +263,7 @@ class Ledger:
     def _end_fill(self, block: Block, ok: bool) -> None:
         if ok:
             block.state = State.READY
+            self._servable_dram[block.key] = block
             self._changed(True, "dram", block)
         else:
             self.drop_dram(block)
@@ -282,6 +281,7 @@ class Ledger:
             self.dram.discard(block.key, EVICT_DROPPED)
             return
         self._unkeep(block.key, self.dram.detach(block.key, EVICT_DROPPED))
+        self._unservable(self._servable_dram, block)
         self._changed(False, "dram", block)
         block.detached = True
         self.held_slots += 1
@@ -306,6 +306,7 @@ class Ledger:
     def _disk_evicted(self, key, entry: Entry, cause: str) -> None:
         block: Block = entry.value
         self._unkeep(key, entry)
+        self._unservable(self._servable_disk, block)
         self._changed(False, "disk", block)
         if cause == EVICT_CAPACITY and self._evicting_for is not None and self._victim is None:
             self._victim = key   # the write making room takes this file over
@@ -351,6 +352,7 @@ class Ledger:
             block.reuse = None
         if ok:
             block.state = State.READY
+            self._servable_disk[block.key] = block
             self._changed(True, "disk", block)
         else:
             self.drop_disk(block)
@@ -366,7 +368,8 @@ class Ledger:
         entry = self.disk.add(key, self.record_size, now, evict=False)
         if entry is None:
             return None
-        entry.value = Block(key, State.READY, entry, touched=mtime, remote=remote)
+        entry.value = self._servable_disk[key] = Block(key, State.READY, entry, touched=mtime,
+                                                       remote=remote)
         return entry.value
 
     def forget_adopted(self, block: Block) -> None:
@@ -377,6 +380,7 @@ class Ledger:
             entry = self.disk.peek(block.key)
             if entry is not None and entry.value is block:
                 self.disk.detach(block.key, None)
+                self._unservable(self._servable_disk, block)
                 block.detached = True
 
     def make_disk_room(self, records: int, now: float) -> bool:
@@ -405,7 +409,7 @@ class Ledger:
             self._queue_removal(key, hold=False)
         for key, mtime in reversed(keep):   # oldest first: LRU order
             entry = self.disk.add(key, self.record_size, mtime, evict=False)
-            entry.value = Block(key, State.READY, entry, touched=mtime)
+            entry.value = self._servable_disk[key] = Block(key, State.READY, entry, touched=mtime)
         self.disk.stats.evictions[EVICT_TTL] += expired
         self.disk.stats.evictions[EVICT_CAPACITY] += excess
         return expired, excess
@@ -419,6 +423,7 @@ class Ledger:
             return
         self.stats.dropped["disk"] += 1
         self._unkeep(block.key, self.disk.detach(block.key, EVICT_DROPPED))
+        self._unservable(self._servable_disk, block)
         self._changed(False, "disk", block)
         block.detached = True
         if block.pins == 0:
@@ -452,6 +457,12 @@ class Ledger:
         this ledger's, e.g. temp files found at start-up."""
         self.held_disk += nbytes
         self._fit_disk()
+
+    @staticmethod
+    def _unservable(index: dict[bytes, Block], block: Block) -> None:
+        """``block`` left its tier's index (or never was servable): out of ``index``."""
+        if index.get(block.key) is block:
+            del index[block.key]
 
     def _changed(self, ready: bool, tier: str, block: Block) -> None:
         if self.track and block is not None and (ready or block.state is State.READY):
@@ -584,6 +595,11 @@ class Ledger:
             assert self.held_disk >= sum(self._removing.values())
         for name, b in self.blocks():
             assert not b.detached and b.pins >= 0, b
+        servable = {State.READY, State.STAGING}
+        assert self._servable_dram == {b.key: b for t, b in self.blocks()
+                                       if t == "dram" and b.state in servable}, "DRAM index"
+        assert self._servable_disk == {b.key: b for t, b in self.blocks()
+                                       if t == "disk" and b.state is State.READY}, "disk index"
         assert self.kept_bytes == sum(e.size for _, e in self._kept.values())
         assert self.kept_bytes <= self.max_kept
         for tenant, n in self._kept_by_tenant.items():

@@ -60,7 +60,7 @@ PREFILL_STEP_TOKENS = 256   # steps with fewer tokens are decode-bound: no prefi
 STREAM_SLOTS = 16           # scratch slots a streamed disk load reuses
 STARVED_LOG_S = 30.0        # how often a lookup deferred for want of a slot is logged
 REMOTE_ROOM_RECORDS = 8192   # disk room kept for the next step's cluster-tier hits
-KEY_MEMO_ENTRIES = 1 << 18     # vLLM block hash -> kvtier key, for prefixes seen before
+KEY_MEMO_BLOCKS = 1 << 18      # blocks whose kvtier keys vLLM's hashes find (prefixes seen before)
 # A block with no free DRAM slot to be stored through (all held by copies and
 # writes in flight) waits for one, in order: a prefix is only as useful as its
 # first missing block. A finished request's pages are held for that at most:
@@ -235,7 +235,7 @@ class KVTierScheduler:
         # the same as one seen before has the same kvtier key: the chain of a
         # resent prefix is looked up, not hashed again (a 128K-token prompt: 4,096
         # SHA-256 calls). Bounded: a prefix not used for a while is forgotten.
-        self._key_memo = KeyMemo(KEY_MEMO_ENTRIES) if memo_keys else None
+        self._key_memo = KeyMemo(KEY_MEMO_BLOCKS) if memo_keys else None
         self._adapters: dict[tuple[str, str], str] = {}   # LoRA (name, path) -> key part
         # KV events for routers (vLLM's --kv-events-config): a block's vLLM hash
         # rides on its ledger block; its arrivals and departures become events.
@@ -363,11 +363,10 @@ class KVTierScheduler:
         hashes = self._block_hashes(st.request) if memo is not None else None
         if memo is None or not hashes or len(hashes) < n:
             return chain.extend(ids, n)
-        if memo.knows(hashes[have]):   # else a cold prefix: no memo lookups
-            chain.keys += memo.leading(hashes[have:n])
+        chain.keys += memo.leading(chain.root, hashes, have, n)
         known = len(chain.keys)
         chain.extend(ids, n)
-        memo.remember(hashes[known:n], chain.keys[known:n])
+        memo.remember(chain.root, hashes, chain.keys, known, n)
         return chain.keys
 
     def _unpin_hits(self, pending: PendingHit | None, keep=lambda hit: False) -> None:

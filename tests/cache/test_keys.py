@@ -78,12 +78,16 @@ def test_native_keys_equal_the_hashlib_keys():
 
     import pytest
 
-    import kvtier.store.native  # noqa: F401 (installs the native hashers when built)
+    import kvtier.store.native  # installs the native hashers when built
     from kvtier.cache import groups, keys
-    if keys.native_hasher("chain_keys") is None or keys.native_hasher("group_keys") is None:
+    if not hasattr(getattr(kvtier.store.native, "_ext", None), "chain_keys"):
         pytest.skip("kvtier._copy_engine built without libcrypto")
+    # built with it: its keys must agree with hashlib's (else it is not used)
+    assert keys.native_hasher("chain_keys") and keys.native_hasher("group_keys")
     rng = random.Random(3)
-    toks = [rng.randrange(0, 2**32) for _ in range(64 * 32 + 5)]
+    # ids of every size the native reader tells apart: 0, one 30-bit digit, two
+    toks = [rng.choice((0, 2**30 - 1, 2**30, rng.randrange(1, 2**30), rng.randrange(2**30, 2**32)))
+            for _ in range(64 * 32 + 5)]
     root = root_key(NS.digest(), "salt")
     want, parent = [], root
     for i in range(64):
@@ -132,31 +136,44 @@ def _k(i: int) -> bytes:
     return i.to_bytes(16, "little")
 
 
-def test_key_memo_is_bounded_and_knows_the_recent_entries():
+R = bytes(16)    # a root
+
+
+def _prompt(lo: int, n: int) -> tuple[list[bytes], list[bytes]]:
+    """The hashes and keys of a prompt of ``n`` blocks of its own."""
+    return [_h(i) for i in range(lo, lo + n)], [_k(i) for i in range(lo, lo + n)]
+
+
+def test_key_memo_is_bounded_and_knows_the_recent_prompts():
     memo = KeyMemo(1000)
-    for lo in range(0, 10_010, 70):   # 143 prompts of 70 blocks
-        memo.remember([_h(i) for i in range(lo, lo + 70)], [_k(i) for i in range(lo, lo + 70)])
+    for lo in range(0, 11_200, 80):   # 140 prompts of 80 blocks
+        memo.remember(R, *_prompt(lo, 80), 0, 80)
         assert len(memo) <= 1000
-    assert memo.leading([_h(i) for i in range(9_510, 10_010)]) == \
-        [_k(i) for i in range(9_510, 10_010)]
-    assert not memo.knows(_h(0)) and memo.leading([_h(0), _h(9_999)]) == []
+    assert memo.leading(R, _prompt(11_120, 80)[0], 0, 80) == _prompt(11_120, 80)[1]
+    assert memo.leading(R, _prompt(0, 80)[0], 0, 80) == []
 
 
 def test_key_memo_keeps_a_prefix_in_use():
-    """A system prompt resent between many new prompts stays known (an entry
+    """A system prompt resent between many new prompts stays known (a segment
     found in the old generation moves to the young one)."""
     memo = KeyMemo(1000)
-    hot = [_h(10**6 + i) for i in range(50)]
-    memo.remember(hot, [_k(i) for i in range(50)])
-    for lo in range(0, 20_000, 100):
-        memo.remember([_h(i) for i in range(lo, lo + 100)], [_k(i) for i in range(lo, lo + 100)])
-        assert memo.leading(hot) == [_k(i) for i in range(50)], lo
+    hot, hot_keys = _prompt(10**6, 64)
+    memo.remember(R, hot, hot_keys, 0, 64)
+    for lo in range(0, 20_000, 96):
+        memo.remember(R, *_prompt(lo, 96), 0, 96)
+        assert memo.leading(R, hot, 0, 64) == hot_keys, lo
 
 
-def test_key_memo_gives_the_leading_run_only():
-    memo = KeyMemo(8)
-    memo.remember([_h(1), _h(3)], [_k(1), _k(3)])
-    memo.remember([_h(2)], [_k(2)])
-    assert memo.leading([_h(1), _h(2), _h(4), _h(3)]) == [_k(1), _k(2)]
+def test_key_memo_gives_the_known_leading_segments_only():
+    S = KeyMemo.SEGMENT
+    memo = KeyMemo(1000)
+    hashes, keys = _prompt(0, 3 * S + 5)
+    memo.remember(R, hashes, keys, 0, len(hashes))   # the last 5 blocks: no whole segment
+    assert memo.leading(R, hashes, 0, len(hashes)) == keys[:3 * S]
+    assert memo.leading(R, hashes, 5, len(hashes)) == keys[5:3 * S]
+    assert memo.leading(R, hashes, 0, 2 * S + 3) == keys[:2 * S]
+    other = hashes[:2 * S - 1] + [_h(10**9)] + hashes[2 * S:]   # segment 1 differs
+    assert memo.leading(R, other, 0, len(other)) == keys[:S]
+    assert memo.leading(bytes(range(16)), hashes, 0, len(hashes)) == []   # another root
     memo.clear()
-    assert len(memo) == 0 and memo.leading([_h(1)]) == []
+    assert len(memo) == 0 and memo.leading(R, hashes, 0, len(hashes)) == []

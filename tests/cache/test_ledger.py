@@ -41,6 +41,29 @@ def test_a_dropped_pinned_block_leaves_the_index_but_keeps_its_slot():
     L.check()
 
 
+def test_what_a_load_can_read_is_what_lookups_find():
+    """Lookups map keys through an index of the servable blocks: a read in
+    flight (STAGING) is found, so a second load joins it; a failed read, a
+    forgotten adoption, a removed record are not."""
+    L = Ledger(num_slots=4, disk_bytes=4 * REC, record_size=REC)
+    a = L.begin_stage(k(1), 0)
+    assert L.locate_many([k(1), k(2)], 0) == [a, None]
+    L.check()
+    L.end_stage(a, False)
+    assert L.locate_many([k(1)], 0) == [None]
+    r = L.adopt(k(2), 0, 0, remote=True)
+    assert L.locate_many([k(2)], 0) == [r]
+    L.forget_adopted(r)
+    assert L.locate_many([k(2)], 0) == [None]
+    w, _ = L.begin_write(k(3), 0)
+    assert L.locate_many([k(3)], 0) == [None]   # WRITING: not yet
+    L.end_write(w, True)
+    assert L.locate_many([k(3)], 0) == [w]
+    L.drop_disk(w)
+    assert L.locate_many([k(3)], 0) == [None]
+    L.check()
+
+
 def test_a_write_takes_over_the_file_of_the_block_it_evicts():
     L = Ledger(num_slots=4, disk_bytes=2 * REC, record_size=REC)
     for i in (1, 2):

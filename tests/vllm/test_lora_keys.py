@@ -5,8 +5,6 @@ path only: enough for a cache that dies with the process)."""
 
 import json
 
-import pytest
-
 from tests.conftest import needs_vllm
 
 pytestmark = needs_vllm
