@@ -68,6 +68,7 @@ class Tier:
         self._entries: OrderedDict[Hashable, Entry] = OrderedDict()  # LRU first
         self._on_evict = on_evict
         self._clock = -math.inf
+        self._quiet_until = -math.inf   # expire() finds nothing before this time
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -138,7 +139,12 @@ class Tier:
             entry.pins -= 1
 
     def make_room(self, size: int, now: float) -> bool:
-        """Evict expired, then LRU unpinned entries not kept until ``size`` fits."""
+        """Evict expired, then LRU unpinned entries not kept until ``size`` fits.
+
+        A kept entry the scan walks past counts as used now: it moves to the MRU
+        end (its TTL restarting), so the next scans do not walk it again. (Left
+        at the LRU end, 20,000 kept records made every write into a full disk
+        tier walk all of them: 2.2 ms a record.)"""
         now = self._advance(now)
         self.expire(now)
         if size > self.capacity:
@@ -146,14 +152,21 @@ class Tier:
         if self.used + size <= self.capacity:
             return True
         victims = []
+        kept = []
         freed = 0
         for key, entry in self._entries.items():
-            if entry.pins or entry.keep_until > now:
+            if entry.pins:
+                continue
+            if entry.keep_until > now:
+                kept.append(key)
                 continue
             victims.append(key)
             freed += entry.size
             if self.used - freed + size <= self.capacity:
                 break
+        for key in kept:
+            self._entries[key].last_use = now
+            self._entries.move_to_end(key)
         if self.used - freed + size > self.capacity:
             return False
         for key in victims:
@@ -201,16 +214,28 @@ class Tier:
 
     def expire(self, now: float) -> int:
         """Drop unpinned entries idle for >= their TTL. Cost: O(expired + pinned or
-        longer-lived entries at the head)."""
+        longer-lived entries at the head), and nothing until one of those may
+        expire (a walk of 20,000 longer-lived entries at every write took 2 ms):
+        the walk notes the earliest time any entry may expire (``_quiet_until``;
+        one added later: a TTL from now at least). Touches and pins only delay
+        expiry; a pinned entry past its TTL is walked again at every call."""
         if math.isinf(self.ttl):
             return 0
         now = self._advance(now)
+        if now < self._quiet_until:
+            return 0
         gone = []
+        quiet = now + self.ttl
         for key, entry in self._entries.items():
             if now - entry.last_use < self.ttl:
+                quiet = min(quiet, entry.last_use + self.ttl)
                 break   # LRU order = last-use order, the tier's TTL the shortest
-            if not entry.pins and now - entry.last_use >= entry.ttl:
+            end = entry.last_use + self.ttl_of(entry)
+            if now >= end and not entry.pins:
                 gone.append(key)
+            else:
+                quiet = min(quiet, end)
+        self._quiet_until = quiet
         for key in gone:
             self._remove(key, EVICT_TTL)
         return len(gone)

@@ -207,3 +207,55 @@ def test_locate_many_serves_what_the_per_key_ttl_check_serves():
             return e.value if e is not None and e.value.state is State.READY else None
         assert L.locate_many(keys, now) == [checked(key) for key in keys]
     run()
+
+
+def test_lru_order_is_last_use_order_and_expire_leaves_nothing_expired():
+    """What ``all_live`` and ``expire`` rely on, under capacity pressure with
+    keeps (a scan moves a kept entry it walks past to the MRU end, as used),
+    pins and longer per-entry TTLs: each tier's entries stay in last-use order,
+    and after ``expire(now)`` no unpinned entry is expired (``expire`` skips its
+    walk until one may be); lookups answer what per-key checks answer."""
+    from hypothesis import given, settings, strategies as st
+
+    op = st.tuples(st.sampled_from(["store", "write", "touch", "pin", "unpin", "keep", "expire"]),
+                   st.integers(0, 11), st.floats(0, 1.5), st.sampled_from([0.0, 0.0, 25.0]))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(op, max_size=60), st.floats(0, 40))
+    def run(ops, wait):
+        L = Ledger(6, 6 * REC, REC, ttl=10.0, max_kept_bytes=3 * REC)
+        now, pinned = 0.0, []
+
+        def check():
+            for tier in (L.dram, L.disk):
+                uses = [e.last_use for e in tier._entries.values()]
+                assert uses == sorted(uses), (tier.name, uses)
+            L.expire(now)
+            for tier in (L.dram, L.disk):
+                assert not [key for key, e in tier._entries.items() if tier.expired(e, now)]
+            L.check()
+        for kind, i, dt, ttl in ops:
+            now += dt
+            if kind == "store" and (b := L.begin_store(k(i), now, ttl=ttl)) is not None:
+                L.end_store(b, True)
+            elif kind == "write":
+                b, _ = L.begin_write(k(i), now, ttl=ttl)
+                if b is not None:
+                    L.end_write(b, True)
+                    for key in L.take_removals():   # the sweeper's work, done
+                        L.removed(key)
+            elif kind == "touch":
+                L.touch(k(i), now, ttl)
+            elif kind == "keep":
+                L.touch(k(i), now, ttl)
+                L.keep(k(i), now + max(ttl, 10.0), "t", now)
+            elif kind == "pin" and (b := L.locate(k(i), now)) is not None:
+                pinned.append((b[0], L.pin(b[1])))
+            elif kind == "unpin" and pinned:
+                tier, b = pinned.pop()
+                (L.unpin_dram if tier == "dram" else L.unpin_disk)(b)
+            elif kind == "expire":
+                check()
+        now += wait
+        check()
+    run()
