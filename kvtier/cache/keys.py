@@ -212,18 +212,18 @@ class KeyMemo:
         """Remember the whole segments of blocks ``[0, n)`` that end at or after
         block ``lo`` (``keys``: the keys of blocks ``[0, n)`` at least). They
         share one copy of the keys: a segment moved to the young generation takes
-        its own, so what the memo holds stays within its bound."""
+        its own, so what the memo holds stays within its bound (or one prompt's
+        blocks, for a prompt longer than half of it)."""
         S = self.SEGMENT
         first, end = lo // S, n // S
         if end <= first:
             return
-        young = self._young
         shared = tuple(keys[first * S:end * S])
-        for j in range(first, end):
-            h = hashes[(j + 1) * S - 1]
-            seg = young.get(h)
-            if seg is None or seg[0] != root:
-                self._put(h, (root, shared, (j - first) * S))
+        segs = {hashes[(j + 1) * S - 1]: (root, shared, (j - first) * S)
+                for j in range(first, end)}
+        if len(self._young) + len(segs) > self.half:   # ages first: never past the bound
+            self._old, self._young = self._young, {}
+        self._young.update(segs)
 
     def _put(self, h: bytes, seg: tuple) -> None:
         if len(self._young) >= self.half:
