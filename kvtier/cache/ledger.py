@@ -477,14 +477,18 @@ class Ledger:
     def dirty_lru(self, window: int, now: float) -> list[bytes]:
         """Keys of READY DRAM blocks among the ``window`` next in line for eviction
         (LRU first; free slots are taken before anything is evicted) that have no
-        disk record and may get one: write-back's due list."""
+        disk record and may get one: write-back's due list. Runs every step: the
+        window's keys with a record are passed over in C (5 ms a step for a
+        4,096-block window in a Python loop)."""
         window -= len(self._free_slots)
+        if window <= 0 or self.disk is None:
+            return []
+        entries = self.dram._entries
+        head = itertools.islice(entries, window)
         out = []
-        for n, (key, entry) in enumerate(self.dram._entries.items()):
-            if n >= window:
-                break
-            block = entry.value
-            if block.state is State.READY and not self.dram.expired(entry, now) \
+        for key in itertools.filterfalse(self.disk._entries.__contains__, head):
+            entry = entries[key]
+            if entry.value.state is State.READY and not self.dram.expired(entry, now) \
                     and self.writable(key):
                 out.append(key)
         return out
