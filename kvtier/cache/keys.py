@@ -188,14 +188,13 @@ class KeyMemo:
         that every segment from the one holding block ``lo`` to block ``k`` is
         known."""
         S = self.SEGMENT
-        yget, old = self._young.get, self._old
         out: list[bytes] = []
         j = lo // S
         while (j + 1) * S <= n:
             h = hashes[(j + 1) * S - 1]
-            seg = yget(h)
+            seg = self._young.get(h)   # (a promotion may age the generations)
             if seg is None:
-                seg = old.pop(h, None)
+                seg = self._old.pop(h, None)
                 if seg is None:
                     break
                 seg = (seg[0], seg[1][seg[2]:seg[2] + S], 0)   # its own keys only
@@ -211,16 +210,20 @@ class KeyMemo:
                  lo: int, n: int) -> None:
         """Remember the whole segments of blocks ``[0, n)`` that end at or after
         block ``lo`` (``keys``: the keys of blocks ``[0, n)`` at least). They
-        share one copy of the keys: a segment moved to the young generation takes
-        its own, so what the memo holds stays within its bound (or one prompt's
-        blocks, for a prompt longer than half of it)."""
+        share one copy of the keys, and live and go together: a segment moved to
+        the young generation takes its own, and one the young generation has is
+        not replaced (under another root: vLLM hashed two prompts the same that
+        kvtier keys apart, both rare and left to hashing), so what the memo
+        holds stays within its bound (or one prompt's blocks, for a prompt
+        longer than half of it)."""
         S = self.SEGMENT
         first, end = lo // S, n // S
         if end <= first:
             return
         shared = tuple(keys[first * S:end * S])
-        segs = {hashes[(j + 1) * S - 1]: (root, shared, (j - first) * S)
-                for j in range(first, end)}
+        young = self._young
+        segs = {h: (root, shared, (j - first) * S) for j in range(first, end)
+                if (h := hashes[(j + 1) * S - 1]) not in young}
         if len(self._young) + len(segs) > self.half:   # ages first: never past the bound
             self._old, self._young = self._young, {}
         self._young.update(segs)

@@ -263,8 +263,9 @@ class Ledger:
     def _end_fill(self, block: Block, ok: bool) -> None:
         if ok:
             block.state = State.READY
-            self._servable_dram[block.key] = block
-            self._changed(True, "dram", block)
+            if not block.detached:   # dropped while filling: never served
+                self._servable_dram[block.key] = block
+                self._changed(True, "dram", block)
         else:
             self.drop_dram(block)
         self.unpin_dram(block)   # the fill's own pin
@@ -352,8 +353,9 @@ class Ledger:
             block.reuse = None
         if ok:
             block.state = State.READY
-            self._servable_disk[block.key] = block
-            self._changed(True, "disk", block)
+            if not block.detached:   # dropped while writing: its files go
+                self._servable_disk[block.key] = block
+                self._changed(True, "disk", block)
         else:
             self.drop_disk(block)
         self.unpin_disk(block)

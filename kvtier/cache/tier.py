@@ -18,6 +18,8 @@ expires at the end of its TTL.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -36,6 +38,9 @@ class Entry:
     value: Any = None       # tier-specific payload (e.g. the DRAM slot)
     ttl: float = 0.0        # > the tier's: this entry's own TTL (0: the tier's)
     keep_until: float = -math.inf   # not evicted by LRU before this time
+    # Moved to the MRU end unused (a kept entry an eviction scan passed): it
+    # expires here all the same, whatever its place (math.inf: no such move).
+    deadline: float = math.inf
 
 
 @dataclass
@@ -69,6 +74,10 @@ class Tier:
         self._on_evict = on_evict
         self._clock = -math.inf
         self._quiet_until = -math.inf   # expire() finds nothing before this time
+        # (deadline, seq, key, entry) of entries moved unused (make_room); stale
+        # items (used, removed since) are dropped when they come up.
+        self._deadlines: list[tuple[float, int, Hashable, Entry]] = []
+        self._seq = itertools.count()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -88,7 +97,8 @@ class Tier:
         return entry.ttl if entry.ttl > self.ttl else self.ttl
 
     def expired(self, entry: Entry, now: float) -> bool:
-        return entry.pins == 0 and now - entry.last_use >= self.ttl_of(entry)
+        return entry.pins == 0 and (now - entry.last_use >= self.ttl_of(entry)
+                                    or now >= entry.deadline)
 
     def get(self, key: Hashable, now: float) -> Entry | None:
         """The live entry for ``key`` (None if absent or expired; expired ones go)."""
@@ -109,10 +119,23 @@ class Tier:
     def all_live(self, now: float) -> bool:
         """No entry is expired at ``now``: the least recently used one was used
         within the TTL (entries are in last-use order; the tier's TTL is the
-        shortest). O(1)."""
+        shortest), and no entry moved unused has reached its deadline. O(1)
+        (amortized)."""
         for entry in self._entries.values():
-            return now - entry.last_use < self.ttl
-        return True
+            if now - entry.last_use >= self.ttl:
+                return False
+            break
+        return self._next_deadline() > now
+
+    def _next_deadline(self) -> float:
+        """The earliest deadline of an entry moved unused (stale items dropped)."""
+        heap = self._deadlines
+        while heap:
+            d, _, key, entry = heap[0]
+            if entry.deadline == d and self._entries.get(key) is entry:
+                return d
+            heapq.heappop(heap)
+        return math.inf
 
     def peek(self, key: Hashable) -> Entry | None:
         return self._entries.get(key)
@@ -124,6 +147,7 @@ class Tier:
         if entry is None:
             return False
         entry.last_use = self._clock
+        entry.deadline = math.inf   # used: its TTL runs from now
         if ttl > entry.ttl:
             entry.ttl = ttl
         self._entries.move_to_end(key)
@@ -141,10 +165,11 @@ class Tier:
     def make_room(self, size: int, now: float) -> bool:
         """Evict expired, then LRU unpinned entries not kept until ``size`` fits.
 
-        A kept entry the scan walks past counts as used now: it moves to the MRU
-        end (its TTL restarting), so the next scans do not walk it again. (Left
-        at the LRU end, 20,000 kept records made every write into a full disk
-        tier walk all of them: 2.2 ms a record.)"""
+        A kept entry the scan walks past moves to the MRU end, so the next scans
+        do not walk it again (left at the LRU end, 20,000 kept records made every
+        write into a full disk tier walk all of them: 2.2 ms a record). Its last
+        use becomes now (LRU order stays last-use order) and it expires when it
+        would have where it was (``deadline``)."""
         now = self._advance(now)
         self.expire(now)
         if size > self.capacity:
@@ -165,7 +190,12 @@ class Tier:
             if self.used - freed + size <= self.capacity:
                 break
         for key in kept:
-            self._entries[key].last_use = now
+            entry = self._entries[key]
+            end = entry.last_use + self.ttl_of(entry)
+            if end < entry.deadline:
+                entry.deadline = end
+                heapq.heappush(self._deadlines, (end, next(self._seq), key, entry))
+            entry.last_use = now
             self._entries.move_to_end(key)
         if self.used - freed + size > self.capacity:
             return False
@@ -181,6 +211,7 @@ class Tier:
         entry = self._entries.get(key)
         if entry is not None:
             entry.last_use = now
+            entry.deadline = math.inf   # used: its TTL runs from now
             if ttl > entry.ttl:
                 entry.ttl = ttl
             self._entries.move_to_end(key)
@@ -224,18 +255,27 @@ class Tier:
         now = self._advance(now)
         if now < self._quiet_until:
             return 0
-        gone = []
+        gone = {}
         quiet = now + self.ttl
         for key, entry in self._entries.items():
             if now - entry.last_use < self.ttl:
                 quiet = min(quiet, entry.last_use + self.ttl)
                 break   # LRU order = last-use order, the tier's TTL the shortest
-            end = entry.last_use + self.ttl_of(entry)
+            end = min(entry.last_use + self.ttl_of(entry), entry.deadline)
             if now >= end and not entry.pins:
-                gone.append(key)
+                gone[key] = True
             else:
                 quiet = min(quiet, end)
-        self._quiet_until = quiet
+        held = []   # past their deadline, pinned: again at the next call
+        while self._next_deadline() <= now:
+            item = heapq.heappop(self._deadlines)
+            if item[3].pins:
+                held.append(item)
+            else:
+                gone[item[2]] = True
+        for item in held:
+            heapq.heappush(self._deadlines, item)
+        self._quiet_until = min(quiet, self._next_deadline())
         for key in gone:
             self._remove(key, EVICT_TTL)
         return len(gone)

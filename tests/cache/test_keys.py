@@ -177,3 +177,19 @@ def test_key_memo_gives_the_known_leading_segments_only():
     assert memo.leading(bytes(range(16)), hashes, 0, len(hashes)) == []   # another root
     memo.clear()
     assert len(memo) == 0 and memo.leading(R, hashes, 0, len(hashes)) == []
+
+
+def test_key_memo_holds_no_more_keys_than_its_bound_whatever_the_roots():
+    """Segments of one prompt share one copy of its keys: a segment replaced
+    under another root would leave the rest of that copy held by its siblings
+    (found by a review: 32x the bound with two roots alternating on prompts of
+    shrinking length)."""
+    S = KeyMemo.SEGMENT
+    memo = KeyMemo(1 << 12)
+    hashes = [_h(i) for i in range(64 * S)]
+    for t in range(64):
+        n = (64 - t) * S
+        root = bytes([t % 2]) * 16
+        memo.remember(root, hashes, [_k(10**6 * t + i) for i in range(n)], 0, n)
+    held = {id(v[1]): len(v[1]) for gen in (memo._young, memo._old) for v in gen.values()}
+    assert sum(held.values()) <= 2 * len(memo) + 64 * S

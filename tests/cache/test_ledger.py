@@ -259,3 +259,32 @@ def test_lru_order_is_last_use_order_and_expire_leaves_nothing_expired():
         now += wait
         check()
     run()
+
+
+def test_a_block_dropped_while_its_fill_is_in_flight_is_never_served():
+    """The fill still ends (ok: its bytes arrived), but the block was dropped:
+    it must not come back, neither from the slot another key then takes nor
+    from a file on its way out. (Found by a review: the index of servable
+    blocks took it back.)"""
+    L = Ledger(num_slots=2, disk_bytes=4 * REC, record_size=REC)
+    L.track = True
+    a = L.begin_store(k(1), 0)
+    L.drop_dram(a)
+    L.end_store(a, True)
+    assert L.locate(k(1), 0) is None
+    b = L.begin_store(k(2), 0)                  # may take a's slot: k(1) must not follow
+    L.end_store(b, True)
+    assert L.locate(k(1), 0) is None and L.locate(k(2), 0) == ("dram", b)
+    s = L.begin_stage(k(3), 0)
+    L.drop_dram(s)
+    again = L.begin_store(k(3), 0)              # stored anew meanwhile
+    L.end_stage(s, True)
+    assert L.locate(k(3), 0) is None            # not the dropped read's block
+    L.end_store(again, True)
+    assert L.locate(k(3), 0) == ("dram", again)
+    w, _ = L.begin_write(k(5), 0)
+    L.drop_disk(w)
+    L.end_write(w, True)
+    assert L.locate(k(5), 0) is None and k(5) in L.take_removals()
+    assert not [c for c in L.take_changes() if c[0] and c[2].detached]   # no arrival event
+    L.check()

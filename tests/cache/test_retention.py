@@ -134,3 +134,29 @@ def test_a_keep_ends_at_its_latest_time_and_belongs_to_its_block():
     assert L.kept_by_tenant(350) == {"a": REC}
     assert L.kept_by_tenant(450) == {}
     L.check()
+
+
+def test_a_pinned_record_never_used_again_expires_at_its_ttl_under_write_pressure():
+    """A scan that passes a kept record moves it to the MRU end; it still
+    expires when its TTL since its last use ends (found by a review: moved as
+    used, it lived up to twice its TTL)."""
+    L = Ledger(num_slots=4, disk_bytes=3 * REC, record_size=REC, ttl=10.0,
+               max_kept_bytes=3 * REC)
+    w, _ = L.begin_write(k(0), 0.0, ttl=25.0)
+    L.end_write(w, True)
+    assert L.keep(k(0), 25.0, "t", 0.0)
+    t, i = 0.0, 1
+    while t < 24:                                        # writes walk past it
+        t += 0.9
+        b, _ = L.begin_write(k(i), t)
+        if b is not None:
+            L.end_write(b, True)
+        for key in L.take_removals():
+            L.removed(key)
+        i += 1
+    assert L.disk.peek(k(0)).last_use > 20              # walked past: moved, "used" late
+    assert L.servable(k(0), 24.9) == "disk"
+    assert L.servable(k(0), 25.0) is None               # its TTL is over: never served
+    L.expire(25.0)
+    assert k(0) not in L.disk
+    L.check()
