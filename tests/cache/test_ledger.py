@@ -167,6 +167,28 @@ def test_the_disk_budget_changes_at_run_time():
     assert b is not None and victim is None         # room again: no eviction
 
 
+def _apply(L: Ledger, kind: str, key: bytes, now: float, ttl: float, pinned: list) -> None:
+    """One operation of the random sequences below (``pinned``: the pins held)."""
+    if kind == "store" and (b := L.begin_store(key, now, ttl=ttl)) is not None:
+        L.end_store(b, True)
+    elif kind == "write":
+        b, _ = L.begin_write(key, now, ttl=ttl)
+        if b is not None:
+            L.end_write(b, True)
+            for gone in L.take_removals():   # the sweeper's work, done
+                L.removed(gone)
+    elif kind == "touch":
+        L.touch(key, now, ttl)
+    elif kind == "keep":
+        L.touch(key, now, ttl)
+        L.keep(key, now + max(ttl, 10.0), "t", now)
+    elif kind == "pin" and (b := L.locate(key, now)) is not None:
+        pinned.append((b[0], L.pin(b[1])))
+    elif kind == "unpin" and pinned:
+        tier, b = pinned.pop()
+        (L.unpin_dram if tier == "dram" else L.unpin_disk)(b)
+
+
 def test_locate_many_serves_what_the_per_key_ttl_check_serves():
     """``locate_many`` skips the per-key TTL check when a tier's least recently
     used entry is live: it must answer exactly what checking every key answers,
@@ -183,19 +205,7 @@ def test_locate_many_serves_what_the_per_key_ttl_check_serves():
         now, pinned = 0.0, []
         for kind, i, dt, ttl in ops:
             now += dt
-            if kind == "store" and (b := L.begin_store(k(i), now, ttl=ttl)) is not None:
-                L.end_store(b, True)
-            elif kind == "write":
-                b, _ = L.begin_write(k(i), now, ttl=ttl)
-                if b is not None:
-                    L.end_write(b, True)
-            elif kind == "touch":
-                L.touch(k(i), now, ttl)
-            elif kind == "pin" and (b := L.locate(k(i), now)) is not None:
-                pinned.append((b[0], L.pin(b[1])))
-            elif kind == "unpin" and pinned:
-                tier, b = pinned.pop()
-                (L.unpin_dram if tier == "dram" else L.unpin_disk)(b)
+            _apply(L, kind, k(i), now, ttl, pinned)
         now += wait
         keys = [k(i) for i in range(8)]
 
@@ -236,26 +246,10 @@ def test_lru_order_is_last_use_order_and_expire_leaves_nothing_expired():
             L.check()
         for kind, i, dt, ttl in ops:
             now += dt
-            if kind == "store" and (b := L.begin_store(k(i), now, ttl=ttl)) is not None:
-                L.end_store(b, True)
-            elif kind == "write":
-                b, _ = L.begin_write(k(i), now, ttl=ttl)
-                if b is not None:
-                    L.end_write(b, True)
-                    for key in L.take_removals():   # the sweeper's work, done
-                        L.removed(key)
-            elif kind == "touch":
-                L.touch(k(i), now, ttl)
-            elif kind == "keep":
-                L.touch(k(i), now, ttl)
-                L.keep(k(i), now + max(ttl, 10.0), "t", now)
-            elif kind == "pin" and (b := L.locate(k(i), now)) is not None:
-                pinned.append((b[0], L.pin(b[1])))
-            elif kind == "unpin" and pinned:
-                tier, b = pinned.pop()
-                (L.unpin_dram if tier == "dram" else L.unpin_disk)(b)
-            elif kind == "expire":
+            if kind == "expire":
                 check()
+            else:
+                _apply(L, kind, k(i), now, ttl, pinned)
         now += wait
         check()
     run()
