@@ -136,11 +136,10 @@ class Ledger:
         # since the last take_changes(): (tier, block). Off unless ``track = True``.
         self.track = False
         self._changes: list[tuple[bool, str, Block]] = []
-        # What a load can read, by key: DRAM blocks READY or STAGING, disk blocks
-        # READY (each in its tier's index). Kept by the transitions below, checked
-        # by check(): a lookup of thousands of keys maps them in bulk.
-        self._servable_dram: dict[bytes, Block] = {}
-        self._servable_disk: dict[bytes, Block] = {}
+        # What a load can read, by tier and key: DRAM blocks READY or STAGING, disk
+        # blocks READY (each in its tier's index). Kept by the transitions below
+        # (_arrived, _left), checked by check(): lookups map keys through it in bulk.
+        self._servable: dict[str, dict[bytes, Block]] = {"dram": {}, "disk": {}}
         self.stats = LedgerStats()
 
     # ----------------------------------------------------------------- queries
@@ -170,12 +169,12 @@ class Ledger:
         entry is live, all of its entries are (LRU order is last-use order; the
         tier's TTL the shortest): no TTL check per key."""
         dram, disk = self.dram, self.disk
-        found = list(map(self._servable_dram.get, keys))
+        found = list(map(self._servable["dram"].get, keys))
         if not dram.all_live(now):
             expired = dram.expired
             found = [b if b is None or not expired(b.entry, now) else None for b in found]
         if disk is not None and None in found:
-            kget, kfresh, expired = self._servable_disk.get, disk.all_live(now), disk.expired
+            kget, kfresh, expired = self._servable["disk"].get, disk.all_live(now), disk.expired
             found = [b if b is not None else d if (d := kget(k)) is None or kfresh
                      or not expired(d.entry, now) else None
                      for b, k in zip(found, keys)]
@@ -229,8 +228,7 @@ class Ledger:
     def _dram_evicted(self, key, entry: Entry, cause: str) -> None:
         # Only unpinned READY blocks are evicted (fills hold a pin).
         self._unkeep(key, entry)
-        self._unservable(self._servable_dram, entry.value)
-        self._changed(False, "dram", entry.value)
+        self._left("dram", entry.value)
         self._give_slot(entry.value.slot)
 
     def _new_dram(self, key: bytes, state: State, now: float, ttl: float = 0.0) -> Block | None:
@@ -240,8 +238,8 @@ class Ledger:
         if entry is None:
             return None
         entry.value = Block(key, state, entry, slot=self._take_slot())
-        if state is State.STAGING:   # a load may join the read in flight
-            self._servable_dram[key] = entry.value
+        if state is State.STAGING:   # a load may join the read in flight (not READY)
+            self._arrived("dram", entry.value, announce=False)
         return entry.value
 
     def begin_store(self, key: bytes, now: float, ttl: float = 0.0) -> Block | None:
@@ -263,9 +261,7 @@ class Ledger:
     def _end_fill(self, block: Block, ok: bool) -> None:
         if ok:
             block.state = State.READY
-            if not block.detached:   # dropped while filling: never served
-                self._servable_dram[block.key] = block
-                self._changed(True, "dram", block)
+            self._arrived("dram", block)
         else:
             self.drop_dram(block)
         self.unpin_dram(block)   # the fill's own pin
@@ -282,8 +278,7 @@ class Ledger:
             self.dram.discard(block.key, EVICT_DROPPED)
             return
         self._unkeep(block.key, self.dram.detach(block.key, EVICT_DROPPED))
-        self._unservable(self._servable_dram, block)
-        self._changed(False, "dram", block)
+        self._left("dram", block)
         block.detached = True
         self.held_slots += 1
         self._fit_dram()
@@ -307,8 +302,7 @@ class Ledger:
     def _disk_evicted(self, key, entry: Entry, cause: str) -> None:
         block: Block = entry.value
         self._unkeep(key, entry)
-        self._unservable(self._servable_disk, block)
-        self._changed(False, "disk", block)
+        self._left("disk", block)
         if cause == EVICT_CAPACITY and self._evicting_for is not None and self._victim is None:
             self._victim = key   # the write making room takes this file over
             self._handover[key] = self._evicting_for
@@ -353,9 +347,7 @@ class Ledger:
             block.reuse = None
         if ok:
             block.state = State.READY
-            if not block.detached:   # dropped while writing: its files go
-                self._servable_disk[block.key] = block
-                self._changed(True, "disk", block)
+            self._arrived("disk", block)
         else:
             self.drop_disk(block)
         self.unpin_disk(block)
@@ -370,8 +362,8 @@ class Ledger:
         entry = self.disk.add(key, self.record_size, now, evict=False)
         if entry is None:
             return None
-        entry.value = self._servable_disk[key] = Block(key, State.READY, entry, touched=mtime,
-                                                       remote=remote)
+        entry.value = Block(key, State.READY, entry, touched=mtime, remote=remote)
+        self._arrived("disk", entry.value, announce=False)
         return entry.value
 
     def forget_adopted(self, block: Block) -> None:
@@ -382,7 +374,7 @@ class Ledger:
             entry = self.disk.peek(block.key)
             if entry is not None and entry.value is block:
                 self.disk.detach(block.key, None)
-                self._unservable(self._servable_disk, block)
+                self._left("disk", block, announce=False)
                 block.detached = True
 
     def make_disk_room(self, records: int, now: float) -> bool:
@@ -411,7 +403,8 @@ class Ledger:
             self._queue_removal(key, hold=False)
         for key, mtime in reversed(keep):   # oldest first: LRU order
             entry = self.disk.add(key, self.record_size, mtime, evict=False)
-            entry.value = self._servable_disk[key] = Block(key, State.READY, entry, touched=mtime)
+            entry.value = Block(key, State.READY, entry, touched=mtime)
+            self._arrived("disk", entry.value, announce=False)
         self.disk.stats.evictions[EVICT_TTL] += expired
         self.disk.stats.evictions[EVICT_CAPACITY] += excess
         return expired, excess
@@ -425,8 +418,7 @@ class Ledger:
             return
         self.stats.dropped["disk"] += 1
         self._unkeep(block.key, self.disk.detach(block.key, EVICT_DROPPED))
-        self._unservable(self._servable_disk, block)
-        self._changed(False, "disk", block)
+        self._left("disk", block)
         block.detached = True
         if block.pins == 0:
             self._queue_removal(block.key)
@@ -460,15 +452,24 @@ class Ledger:
         self.held_disk += nbytes
         self._fit_disk()
 
-    @staticmethod
-    def _unservable(index: dict[bytes, Block], block: Block) -> None:
-        """``block`` left its tier's index (or never was servable): out of ``index``."""
+    def _arrived(self, tier: str, block: Block, announce: bool = True) -> None:
+        """``block`` can be loaded from ``tier`` now (READY; in DRAM also STAGING):
+        into the servable index, and (``announce``) a KV event. A block dropped
+        while its fill was in flight (detached) never is."""
+        if block.detached:
+            return
+        self._servable[tier][block.key] = block
+        if announce and self.track:
+            self._changes.append((True, tier, block))
+
+    def _left(self, tier: str, block: Block, announce: bool = True) -> None:
+        """``block`` left ``tier``'s index: out of the servable index, and
+        (``announce``) a KV event if it was READY there."""
+        index = self._servable[tier]
         if index.get(block.key) is block:
             del index[block.key]
-
-    def _changed(self, ready: bool, tier: str, block: Block) -> None:
-        if self.track and block is not None and (ready or block.state is State.READY):
-            self._changes.append((ready, tier, block))
+        if announce and self.track and block.state is State.READY:
+            self._changes.append((False, tier, block))
 
     def take_changes(self) -> list[tuple[bool, str, Block]]:
         """(became ready, tier, block) since the last call: True when the block
@@ -602,10 +603,10 @@ class Ledger:
         for name, b in self.blocks():
             assert not b.detached and b.pins >= 0, b
         servable = {State.READY, State.STAGING}
-        assert self._servable_dram == {b.key: b for t, b in self.blocks()
-                                       if t == "dram" and b.state in servable}, "DRAM index"
-        assert self._servable_disk == {b.key: b for t, b in self.blocks()
-                                       if t == "disk" and b.state is State.READY}, "disk index"
+        assert self._servable["dram"] == {b.key: b for t, b in self.blocks()
+                                          if t == "dram" and b.state in servable}, "DRAM index"
+        assert self._servable["disk"] == {b.key: b for t, b in self.blocks()
+                                          if t == "disk" and b.state is State.READY}, "disk index"
         assert self.kept_bytes == sum(e.size for _, e in self._kept.values())
         assert self.kept_bytes <= self.max_kept
         for tenant, n in self._kept_by_tenant.items():
